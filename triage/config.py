@@ -1,0 +1,252 @@
+"""One frozen, typed configuration, read once from ``config.toml``.
+
+Every section is a frozen dataclass. Loading is strict: an unknown key or a
+value of the wrong type stops start-up with a one-line :class:`ConfigError`
+that names the key (and suggests the closest known key for typos). CLI flags
+override single fields through :func:`override`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import ipaddress
+import tomllib
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, TypeVar
+
+from triage.errors import ConfigError
+
+T = TypeVar("T")
+
+DEFAULT_CONFIG = Path(__file__).resolve().parent.parent / "config.toml"
+
+
+def _check(ok: bool, key: str, msg: str) -> None:
+    if not ok:
+        raise ConfigError(f"config key '{key}': {msg}")
+
+
+def _check_port(port: int, key: str) -> None:
+    _check(0 <= port <= 65535, key, f"port {port} is out of range 0..65535")
+
+
+def _check_ae(title: str, key: str) -> None:
+    _check(
+        0 < len(title) <= 16 and title.isascii() and title == title.strip()
+        and "\\" not in title and title.isprintable(),
+        key,
+        f"AE title {title!r} must be 1-16 printable ASCII characters, no backslash,"
+        " no leading or trailing spaces",
+    )
+
+
+def _check_host(host: str, key: str) -> None:
+    try:
+        ipaddress.ip_address(host)
+    except ValueError:
+        _check(host == "localhost", key, f"{host!r} is not an IP address or 'localhost'")
+
+
+@dataclass(frozen=True)
+class DicomConfig:
+    """The DICOM listener (SCP)."""
+
+    host: str = "127.0.0.1"
+    port: int = 11112
+    ae_title: str = "TRIAGE"
+    allowed_calling_aes: tuple[str, ...] = ("STORESCU", "ECHOSCU", "TRIAGE_SCU", "MODALITY1")
+    accept_any_calling_ae: bool = False
+    max_associations: int = 16
+    max_pdu: int = 262144
+    network_timeout_s: float = 60.0
+    dimse_timeout_s: float = 60.0
+    acse_timeout_s: float = 30.0
+
+    def __post_init__(self) -> None:
+        _check_host(self.host, "dicom.host")
+        _check_port(self.port, "dicom.port")
+        _check_ae(self.ae_title, "dicom.ae_title")
+        for ae in self.allowed_calling_aes:
+            _check_ae(ae, "dicom.allowed_calling_aes")
+        _check(self.max_associations >= 1, "dicom.max_associations", "must be >= 1")
+        _check(self.max_pdu == 0 or self.max_pdu >= 4096, "dicom.max_pdu",
+               "must be 0 (unlimited) or >= 4096")
+        for name in ("network_timeout_s", "dimse_timeout_s", "acse_timeout_s"):
+            _check(getattr(self, name) > 0, f"dicom.{name}", "must be > 0")
+
+
+@dataclass(frozen=True)
+class WebConfig:
+    """The worklist web server."""
+
+    host: str = "127.0.0.1"
+    port: int = 8080
+
+    def __post_init__(self) -> None:
+        _check_host(self.host, "web.host")
+        _check_port(self.port, "web.port")
+
+
+@dataclass(frozen=True)
+class StorageConfig:
+    """Where received data and the database live."""
+
+    data_dir: str = "./var"
+    min_free_mb: int = 512
+    fsync: bool = True
+
+    def __post_init__(self) -> None:
+        _check(bool(self.data_dir), "storage.data_dir", "must not be empty")
+        _check(self.min_free_mb >= 0, "storage.min_free_mb", "must be >= 0")
+
+    @property
+    def root(self) -> Path:
+        """The data directory as an absolute path."""
+        return Path(self.data_dir).expanduser().resolve()
+
+    @property
+    def spool_dir(self) -> Path:
+        """Directory holding every acknowledged instance."""
+        return self.root / "spool"
+
+    @property
+    def db_path(self) -> Path:
+        """The SQLite database file."""
+        return self.root / "triage.sqlite"
+
+
+@dataclass(frozen=True)
+class StudiesConfig:
+    """Grouping instances into studies."""
+
+    quiet_period_s: float = 10.0
+    sweep_interval_s: float = 1.0
+
+    def __post_init__(self) -> None:
+        _check(self.quiet_period_s >= 0, "studies.quiet_period_s", "must be >= 0")
+        _check(self.sweep_interval_s > 0, "studies.sweep_interval_s", "must be > 0")
+
+
+@dataclass(frozen=True)
+class LoggingConfig:
+    """Logging (the CLI configures it; library code only logs)."""
+
+    level: str = "INFO"
+
+    def __post_init__(self) -> None:
+        _check(self.level.upper() in {"DEBUG", "INFO", "WARNING", "ERROR"},
+               "logging.level", f"{self.level!r} is not DEBUG, INFO, WARNING or ERROR")
+
+
+@dataclass(frozen=True)
+class Config:
+    """The whole configuration."""
+
+    dicom: DicomConfig = field(default_factory=DicomConfig)
+    web: WebConfig = field(default_factory=WebConfig)
+    storage: StorageConfig = field(default_factory=StorageConfig)
+    studies: StudiesConfig = field(default_factory=StudiesConfig)
+    logging: LoggingConfig = field(default_factory=LoggingConfig)
+
+
+def _suggest(key: str, known: typing.Iterable[str]) -> str:
+    close = difflib.get_close_matches(key, list(known), n=1, cutoff=0.6)
+    return f" (did you mean '{close[0]}'?)" if close else ""
+
+
+def _coerce(value: Any, tp: Any, key: str) -> Any:
+    origin = typing.get_origin(tp)
+    if dataclasses.is_dataclass(tp):
+        _check(isinstance(value, dict), key, "must be a table")
+        return _build(tp, value, key + ".")
+    if origin is tuple:
+        _check(isinstance(value, list), key, "must be a list")
+        (item_tp, _) = typing.get_args(tp)
+        return tuple(_coerce(v, item_tp, key) for v in value)
+    if origin in (typing.Union, types.UnionType):
+        args = typing.get_args(tp)
+        if value is None and type(None) in args:
+            return None
+        tp = next(a for a in args if a is not type(None))
+    if tp is float:
+        _check(isinstance(value, (int, float)) and not isinstance(value, bool), key,
+               f"expected a number, got {value!r}")
+        return float(value)
+    if tp is int:
+        _check(isinstance(value, int) and not isinstance(value, bool), key,
+               f"expected an integer, got {value!r}")
+        return value
+    if tp is bool:
+        _check(isinstance(value, bool), key, f"expected true or false, got {value!r}")
+        return value
+    if tp is str:
+        _check(isinstance(value, str), key, f"expected a string, got {value!r}")
+        return value
+    if origin is dict:
+        _check(isinstance(value, dict), key, "must be a table")
+        return dict(value)
+    raise ConfigError(f"config key '{key}': unsupported type {tp}")
+
+
+def _build(cls: type[T], data: dict[str, Any], prefix: str = "") -> T:
+    hints = typing.get_type_hints(cls)
+    fields = {f.name for f in dataclasses.fields(cls)}  # type: ignore[arg-type]
+    for key in data:
+        if key not in fields:
+            raise ConfigError(
+                f"unknown config key '{prefix}{key}'"
+                + _suggest(key, fields).replace("'", f"'{prefix}", 1).replace(
+                    f"'{prefix}?", "'?")
+            )
+    kwargs = {k: _coerce(v, hints[k], prefix + k) for k, v in data.items()}
+    try:
+        return cls(**kwargs)
+    except TypeError as e:  # pragma: no cover - defensive
+        raise ConfigError(f"config section '{prefix.rstrip('.')}': {e}") from e
+
+
+def from_dict(data: dict[str, Any]) -> Config:
+    """Build a validated :class:`Config` from a parsed TOML mapping.
+
+    Raises ConfigError naming the offending key.
+    """
+    return _build(Config, data)
+
+
+def load(path: str | Path | None = None) -> Config:
+    """Read and validate a config file (the shipped ``config.toml`` by default).
+
+    Raises ConfigError for a missing file, bad TOML, unknown keys or bad values.
+    """
+    p = Path(path) if path is not None else DEFAULT_CONFIG
+    try:
+        with p.open("rb") as fh:
+            data = tomllib.load(fh)
+    except FileNotFoundError as e:
+        raise ConfigError(f"config file not found: {p}") from e
+    except tomllib.TOMLDecodeError as e:
+        raise ConfigError(f"config file {p} is not valid TOML: {e}") from e
+    return from_dict(data)
+
+
+def override(cfg: Config, **changes: Any) -> Config:
+    """Return a copy of ``cfg`` with dotted keys replaced, e.g. ``{"dicom.port": 4242}``.
+
+    ``None`` values are ignored so CLI flags that were not given change nothing.
+    Raises ConfigError when a key is unknown or a value invalid.
+    """
+    for dotted, value in changes.items():
+        if value is None:
+            continue
+        section, _, name = dotted.partition(".")
+        sub = getattr(cfg, section, None)
+        if sub is None or name not in {f.name for f in dataclasses.fields(sub)}:
+            raise ConfigError(f"unknown config key '{dotted}'")
+        hint = typing.get_type_hints(type(sub))[name]
+        new_sub = dataclasses.replace(sub, **{name: _coerce(value, hint, dotted)})
+        cfg = dataclasses.replace(cfg, **{section: new_sub})
+    return cfg
