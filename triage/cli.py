@@ -85,6 +85,8 @@ def _setup_logging(level: str = "INFO") -> None:
         level=getattr(logging, level.upper(), logging.INFO),
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
     )
+    # pynetdicom narrates every message at INFO; our own handlers log what matters.
+    logging.getLogger("pynetdicom").setLevel(logging.WARNING)
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -72,6 +72,9 @@ class DicomConfig:
         _check_ae(self.ae_title, "dicom.ae_title")
         for ae in self.allowed_calling_aes:
             _check_ae(ae, "dicom.allowed_calling_aes")
+        _check(bool(self.allowed_calling_aes) or self.accept_any_calling_ae,
+               "dicom.allowed_calling_aes",
+               "is empty; list the callers, or set dicom.accept_any_calling_ae = true on purpose")
         _check(self.max_associations >= 1, "dicom.max_associations", "must be >= 1")
         _check(self.max_pdu == 0 or self.max_pdu >= 4096, "dicom.max_pdu",
                "must be 0 (unlimited) or >= 4096")
@@ -143,6 +146,141 @@ class LoggingConfig:
 
 
 @dataclass(frozen=True)
+class ModelConfig:
+    """The shipped model that ``score``, ``serve`` and ``replay`` load."""
+
+    path: str = "models/cxr-pneumonia-mnv2.onnx"
+    card: str = ""
+    threads: int = 2
+
+    def __post_init__(self) -> None:
+        _check(bool(self.path), "model.path", "must not be empty")
+        _check(self.threads >= 1, "model.threads", "must be >= 1")
+
+    @property
+    def onnx_path(self) -> Path:
+        """The ONNX file; a relative path is resolved against the project root."""
+        p = Path(self.path).expanduser()
+        return p if p.is_absolute() else DEFAULT_CONFIG.parent / p
+
+    @property
+    def card_path(self) -> Path:
+        """The model card: ``card`` if set, else the ONNX path with a ``.json`` suffix."""
+        if not self.card:
+            return self.onnx_path.with_suffix(".json")
+        p = Path(self.card).expanduser()
+        return p if p.is_absolute() else DEFAULT_CONFIG.parent / p
+
+
+_EQUALIZATIONS = ("none", "histogram", "clahe")
+
+
+@dataclass(frozen=True)
+class PreprocessConfig:
+    """The preprocessing chain used for training; a model card carries its own copy."""
+
+    window_percentiles: tuple[float, ...] = (0.5, 99.5)
+    equalization: str = "none"
+    clahe_tiles: int = 8
+    clahe_clip_limit: float = 0.01
+    mean: float = 0.5
+    std: float = 0.25
+    aug_rotate_deg: float = 10.0
+    aug_translate: float = 0.06
+    aug_scale: float = 0.12
+    aug_brightness: float = 0.1
+    aug_contrast: float = 0.25
+    min_size_px: int = 128
+    allowed_modalities: tuple[str, ...] = ("CR", "DX", "SC")
+
+    def __post_init__(self) -> None:
+        wp = self.window_percentiles
+        _check(len(wp) == 2 and 0 <= wp[0] < wp[1] <= 100, "preprocess.window_percentiles",
+               "must be two percentiles [low, high] with 0 <= low < high <= 100")
+        _check(self.equalization in _EQUALIZATIONS, "preprocess.equalization",
+               f"{self.equalization!r} is not one of {', '.join(_EQUALIZATIONS)}")
+        _check(self.clahe_tiles >= 1, "preprocess.clahe_tiles", "must be >= 1")
+        _check(0 < self.clahe_clip_limit <= 1, "preprocess.clahe_clip_limit", "must be in (0, 1]")
+        _check(self.std > 0, "preprocess.std", "must be > 0")
+        _check(self.min_size_px >= 1, "preprocess.min_size_px", "must be >= 1")
+        for name in ("aug_rotate_deg", "aug_translate", "aug_scale", "aug_brightness",
+                     "aug_contrast"):
+            _check(getattr(self, name) >= 0, f"preprocess.{name}", "must be >= 0")
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """Defaults of ``triage train`` (each is also a CLI flag)."""
+
+    input_size: int = 160
+    width_mult: float = 1.0
+    dropout: float = 0.2
+    epochs: int = 16
+    batch_size: int = 32
+    optimizer: str = "adamw"
+    lr: float = 0.002
+    weight_decay: float = 0.0001
+    warmup_epochs: float = 0.5
+    patience: int = 5
+    ema_decay: float = 0.998
+    class_weighting: str = "balanced"
+    seed: int = 42
+    threads: int = 2
+    channels_last: bool = True
+
+    def __post_init__(self) -> None:
+        _check(16 <= self.input_size <= 1024, "train.input_size", "must be in 16..1024")
+        _check(self.width_mult > 0, "train.width_mult", "must be > 0")
+        _check(0 <= self.dropout < 1, "train.dropout", "must be in [0, 1)")
+        _check(self.epochs >= 1, "train.epochs", "must be >= 1")
+        _check(self.batch_size >= 1, "train.batch_size", "must be >= 1")
+        _check(self.optimizer in ("adam", "adamw"), "train.optimizer", "must be adam or adamw")
+        _check(self.lr > 0, "train.lr", "must be > 0")
+        _check(self.patience >= 1, "train.patience", "must be >= 1")
+        _check(0 <= self.ema_decay < 1, "train.ema_decay", "must be in [0, 1) (0 = off)")
+        _check(self.class_weighting in ("balanced", "none"), "train.class_weighting",
+               "must be balanced or none")
+        _check(self.threads >= 1, "train.threads", "must be >= 1")
+
+
+@dataclass(frozen=True)
+class OperatingPointConfig:
+    """One operating point: a tier name and the target it must meet on the calibration split."""
+
+    name: str = "abnormal"
+    metric: str = "sensitivity"
+    target: float = 0.95
+
+    def __post_init__(self) -> None:
+        _check(self.name.isidentifier() and self.name not in ("routine", "unscored"),
+               "calibration.operating_points.name",
+               f"{self.name!r} must be an identifier other than routine/unscored")
+        _check(self.metric in ("sensitivity", "specificity"), "calibration.operating_points.metric",
+               f"{self.metric!r} is not sensitivity or specificity")
+        _check(0 < self.target < 1, "calibration.operating_points.target", "must be in (0, 1)")
+
+
+@dataclass(frozen=True)
+class CalibrationConfig:
+    """Temperature scaling and operating points (``triage calibrate`` and ``export``)."""
+
+    operating_points: tuple[OperatingPointConfig, ...] = (
+        OperatingPointConfig("abnormal", "sensitivity", 0.95),
+        OperatingPointConfig("urgent", "specificity", 0.97),
+    )
+    conservative: bool = False
+    ece_bins: int = 15
+    confidence: float = 0.95
+
+    def __post_init__(self) -> None:
+        names = [op.name for op in self.operating_points]
+        _check(len(names) >= 1 and len(set(names)) == len(names),
+               "calibration.operating_points", "need at least one, with distinct names")
+        _check(self.ece_bins >= 2, "calibration.ece_bins", "must be >= 2")
+        _check(0.5 < self.confidence < 1, "calibration.confidence", "must be in (0.5, 1)")
+
+
+@dataclass(frozen=True)
 class Config:
     """The whole configuration."""
 
@@ -151,6 +289,10 @@ class Config:
     storage: StorageConfig = field(default_factory=StorageConfig)
     studies: StudiesConfig = field(default_factory=StudiesConfig)
     logging: LoggingConfig = field(default_factory=LoggingConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    preprocess: PreprocessConfig = field(default_factory=PreprocessConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    calibration: CalibrationConfig = field(default_factory=CalibrationConfig)
 
 
 def _suggest(key: str, known: typing.Iterable[str]) -> str:

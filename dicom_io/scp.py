@@ -1,0 +1,224 @@
+"""The DICOM listener: C-ECHO and durable C-STORE on pynetdicom.
+
+The C-STORE handler, in order: checks free space, parses and validates the
+data set, writes it durably to the spool (temp file, fsync, rename, fsync the
+directory), hands it to the recorder (the application's database), and only
+then answers 0x0000. Any refusal gets a specific status and a logged reason.
+Nothing slow (decoding, scoring) happens here: the sender's timeout is not ours.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any, Protocol
+
+from pydicom.uid import (
+    UID,
+    DeflatedExplicitVRLittleEndian,
+    ExplicitVRLittleEndian,
+    ImplicitVRLittleEndian,
+    JPEG2000,
+    JPEG2000Lossless,
+    JPEGBaseline8Bit,
+    JPEGExtended12Bit,
+    JPEGLossless,
+    JPEGLosslessSV1,
+    JPEGLSLossless,
+    JPEGLSNearLossless,
+    RLELossless,
+)
+from pynetdicom import AE, evt
+from pynetdicom.sop_class import Verification
+
+from dicom_io import status
+from dicom_io.ids import uid_hash
+from dicom_io.spool import Spool, SpoolEntry, SpoolError
+from dicom_io.status import Refusal
+from dicom_io.validate import InstanceHeader, check
+
+log = logging.getLogger(__name__)
+
+STORAGE_SOP_CLASSES = {
+    "1.2.840.10008.5.1.4.1.1.1": "Computed Radiography Image Storage",
+    "1.2.840.10008.5.1.4.1.1.1.1": "Digital X-Ray Image Storage - For Presentation",
+    "1.2.840.10008.5.1.4.1.1.1.1.1": "Digital X-Ray Image Storage - For Processing",
+    "1.2.840.10008.5.1.4.1.1.7": "Secondary Capture Image Storage",
+}
+
+UNCOMPRESSED = (ImplicitVRLittleEndian, ExplicitVRLittleEndian, DeflatedExplicitVRLittleEndian)
+TRANSFER_SYNTAXES: tuple[UID, ...] = UNCOMPRESSED + (
+    JPEGBaseline8Bit, JPEGExtended12Bit, JPEGLossless, JPEGLosslessSV1,
+    JPEGLSLossless, JPEGLSNearLossless, JPEG2000Lossless, JPEG2000, RLELossless,
+)
+
+
+@dataclass(frozen=True)
+class ReceivedInstance:
+    """An instance that is durable in the spool, ready to be recorded."""
+
+    header: InstanceHeader
+    transfer_syntax: str
+    calling_ae: str
+    entry: SpoolEntry
+
+
+class Recorder(Protocol):
+    """Where the SCP records what it stored or refused (the application's database)."""
+
+    def record_instance(self, inst: ReceivedInstance) -> str:
+        """Record a durable instance; return 'stored', 'duplicate' or 'replaced'."""
+
+    def record_rejection(self, calling_ae: str, sop_class_uid: str | None,
+                         sop_uid: str | None, refusal: Refusal) -> None:
+        """Record a refused C-STORE."""
+
+
+@dataclass(frozen=True)
+class ScpSettings:
+    """Network settings of the listener (a plain mirror of the config section)."""
+
+    host: str = "127.0.0.1"
+    port: int = 11112
+    ae_title: str = "TRIAGE"
+    allowed_calling_aes: Sequence[str] = ()
+    accept_any_calling_ae: bool = False
+    max_associations: int = 16
+    max_pdu: int = 262144
+    network_timeout_s: float = 60.0
+    dimse_timeout_s: float = 60.0
+    acse_timeout_s: float = 30.0
+
+
+class StoreScp:
+    """A running (or startable) C-ECHO / C-STORE listener."""
+
+    def __init__(self, settings: ScpSettings, spool: Spool, recorder: Recorder) -> None:
+        self.settings = settings
+        self.spool = spool
+        self.recorder = recorder
+        self._server: Any = None
+        self._stopping = threading.Event()
+        self.ae = self._build_ae()
+
+    def _build_ae(self) -> AE:
+        s = self.settings
+        ae = AE(ae_title=s.ae_title)
+        ae.require_called_aet = True
+        # pynetdicom treats an empty list as "accept anyone": config validation
+        # guarantees the list is non-empty unless any-caller was chosen on purpose.
+        ae.require_calling_aet = [] if s.accept_any_calling_ae else list(s.allowed_calling_aes)
+        ae.maximum_associations = s.max_associations
+        ae.maximum_pdu_size = s.max_pdu
+        ae.network_timeout = s.network_timeout_s
+        ae.dimse_timeout = s.dimse_timeout_s
+        ae.acse_timeout = s.acse_timeout_s
+        ae.add_supported_context(Verification)
+        for sop_class in STORAGE_SOP_CLASSES:
+            ae.add_supported_context(sop_class, list(TRANSFER_SYNTAXES))
+        return ae
+
+    @property
+    def port(self) -> int:
+        """The bound TCP port (useful when the configured port was 0)."""
+        if self._server is None:
+            raise RuntimeError("listener not started")
+        return int(self._server.server_address[1])
+
+    def start(self) -> None:
+        """Bind and start serving in background threads; returns at once."""
+        handlers = [
+            (evt.EVT_C_ECHO, self._on_echo),
+            (evt.EVT_C_STORE, self._on_store),
+            (evt.EVT_REJECTED, self._on_rejected),
+        ]
+        s = self.settings
+        self._server = self.ae.start_server((s.host, s.port), block=False, evt_handlers=handlers)
+        log.info("DICOM listener %s on %s:%d", s.ae_title, s.host, self.port)
+
+    def stop(self, drain_timeout_s: float = 30.0) -> bool:
+        """Stop accepting associations, let those in flight finish, then stop.
+
+        Returns True when every association finished within the timeout.
+        """
+        if self._server is None:
+            return True
+        self._stopping.set()
+        server, self._server = self._server, None
+        server.shutdown()
+        deadline = time.monotonic() + drain_timeout_s
+        while server.active_associations and time.monotonic() < deadline:
+            time.sleep(0.05)
+        left = server.active_associations
+        for assoc in left:
+            assoc.abort()
+        if left:
+            log.warning("aborted %d association(s) still open after %.0f s", len(left), drain_timeout_s)
+        log.info("DICOM listener stopped")
+        return not left
+
+    # --- handlers -------------------------------------------------------
+
+    def _on_echo(self, event: Any) -> int:
+        return status.SUCCESS
+
+    def _on_rejected(self, event: Any) -> None:
+        req = event.assoc.requestor
+        log.warning("association from %s (calling AE %r, called AE %r) rejected",
+                    req.address, req.ae_title, event.assoc.acceptor.ae_title)
+
+    def _on_store(self, event: Any) -> int:
+        calling = str(event.assoc.requestor.ae_title).strip()
+        req = event.request
+        sop_class = str(req.AffectedSOPClassUID or "")
+        sop_uid = str(req.AffectedSOPInstanceUID or "")
+        try:
+            outcome, header = self._store(event, calling, sop_class, sop_uid)
+        except Refusal as r:
+            self._refuse(calling, sop_class, sop_uid, r)
+            return r.status
+        except Exception as e:  # the handler must answer, whatever happened
+            r = Refusal(status.UNEXPECTED, f"unexpected {type(e).__name__}: {e}")
+            log.exception("C-STORE of %s failed unexpectedly", uid_hash(sop_uid))
+            self._refuse(calling, sop_class, sop_uid, r)
+            return r.status
+        log.info("C-STORE %s: instance %s of study %s from %s", outcome, uid_hash(sop_uid),
+                 uid_hash(header.study_uid), calling)
+        return status.SUCCESS
+
+    def _store(self, event: Any, calling: str, sop_class: str,
+               sop_uid: str) -> tuple[str, InstanceHeader]:
+        if not self.spool.has_room():
+            raise Refusal(status.OUT_OF_RESOURCES,
+                          f"free disk space below reserve ({self.spool.free_bytes() // 2**20} MiB free)")
+        ts = str(event.context.transfer_syntax)
+        try:
+            ds = event.dataset
+            ds.file_meta = event.file_meta
+            header = check(ds, sop_class, sop_uid, compressed=ts not in UNCOMPRESSED)
+        except Refusal:
+            raise
+        except Exception as e:
+            raise Refusal(status.UNREADABLE, f"data set cannot be parsed: {type(e).__name__}: {e}") from e
+        data = event.encoded_dataset(include_meta=True)
+        if not self.spool.has_room(len(data)):
+            raise Refusal(status.OUT_OF_RESOURCES, "instance would take free disk space below reserve")
+        try:
+            entry = self.spool.write(header.study_uid, header.sop_instance_uid, data)
+        except SpoolError as e:
+            code = status.OUT_OF_RESOURCES if e.out_of_space else status.UNEXPECTED
+            raise Refusal(code, str(e)) from e
+        outcome = self.recorder.record_instance(ReceivedInstance(header, ts, calling, entry))
+        return outcome, header
+
+    def _refuse(self, calling: str, sop_class: str, sop_uid: str, r: Refusal) -> None:
+        log.warning("C-STORE refused 0x%04X for instance %s from %s: %s",
+                    r.status, uid_hash(sop_uid), calling, r.reason)
+        try:
+            self.recorder.record_rejection(calling, sop_class or None, sop_uid or None, r)
+        except Exception:
+            log.exception("could not record the refusal of %s", uid_hash(sop_uid))
+

@@ -1,0 +1,147 @@
+"""The durable spool: every acknowledged instance lives here, byte for byte as received.
+
+Layout under the spool root (no header value ever reaches a path; only digests do)::
+
+    .tmp/<random>.part                         being written, never acknowledged
+    <ss>/<study-key>/<sop-key>_<content16>.dcm  durable, acknowledged
+
+``ss`` is the first two hex digits of the study key, to keep directories small.
+The content digest in the name makes a byte-identical resend land on the same
+path (idempotent) and a changed resend land beside the old version, which is
+kept: acknowledged data is never deleted.
+"""
+
+from __future__ import annotations
+
+import errno
+import hashlib
+import logging
+import os
+import shutil
+import uuid
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+from dicom_io.ids import uid_key
+
+log = logging.getLogger(__name__)
+
+TMP_DIR = ".tmp"
+
+
+class SpoolError(Exception):
+    """Writing to the spool failed; ``out_of_space`` says whether the disk is full."""
+
+    def __init__(self, message: str, out_of_space: bool = False) -> None:
+        super().__init__(message)
+        self.out_of_space = out_of_space
+
+
+@dataclass(frozen=True)
+class SpoolEntry:
+    """Where a received instance now lives, and what it is."""
+
+    path: Path
+    relpath: str
+    sha256: str
+    size: int
+    existed: bool  # True when a byte-identical copy was already durable
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+class Spool:
+    """A directory of durably written DICOM files."""
+
+    def __init__(self, root: Path, fsync: bool = True, min_free_bytes: int = 0) -> None:
+        self.root = Path(root)
+        self.fsync = fsync
+        self.min_free_bytes = min_free_bytes
+        self.tmp = self.root / TMP_DIR
+        self.tmp.mkdir(parents=True, exist_ok=True)
+
+    def free_bytes(self) -> int:
+        """Return the bytes available to us on the spool's file system."""
+        return shutil.disk_usage(self.root).free
+
+    def has_room(self, incoming: int = 0) -> bool:
+        """Return True when writing ``incoming`` bytes keeps the free-space reserve."""
+        return self.free_bytes() - incoming >= self.min_free_bytes
+
+    def path_for(self, study_uid: str, sop_uid: str, sha256: str) -> Path:
+        """Return the durable path of an instance with this content digest."""
+        skey = uid_key(study_uid)
+        return self.root / skey[:2] / skey / f"{uid_key(sop_uid)}_{sha256[:16]}.dcm"
+
+    def write(self, study_uid: str, sop_uid: str, data: bytes) -> SpoolEntry:
+        """Durably write ``data``: temp file, fsync, rename, fsync the directory.
+
+        Returns the entry once the bytes would survive a crash. Raises SpoolError
+        (with ``out_of_space`` set for ENOSPC/EDQUOT); a failed write leaves no
+        file at the durable path.
+        """
+        digest = hashlib.sha256(data).hexdigest()
+        final = self.path_for(study_uid, sop_uid, digest)
+        rel = final.relative_to(self.root).as_posix()
+        if final.exists() and final.stat().st_size == len(data):
+            return SpoolEntry(final, rel, digest, len(data), existed=True)
+        tmp = self.tmp / f"{uuid.uuid4().hex}.part"
+        try:
+            self._write_tmp(tmp, data)
+            self._ensure_dir(final.parent)
+            os.replace(tmp, final)
+            if self.fsync:
+                _fsync_dir(final.parent)
+        except OSError as e:
+            tmp.unlink(missing_ok=True)
+            full = e.errno in (errno.ENOSPC, errno.EDQUOT)
+            raise SpoolError(f"spool write failed: {e.strerror or e}", out_of_space=full) from e
+        return SpoolEntry(final, rel, digest, len(data), existed=False)
+
+    def _write_tmp(self, tmp: Path, data: bytes) -> None:
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o640)
+        try:
+            view = memoryview(data)
+            while view:
+                n = os.write(fd, view)
+                view = view[n:]
+            if self.fsync:
+                os.fsync(fd)
+        finally:
+            os.close(fd)
+
+    def _ensure_dir(self, d: Path) -> None:
+        if d.is_dir():
+            return
+        created = []
+        p = d
+        while not p.exists():
+            created.append(p)
+            p = p.parent
+        d.mkdir(parents=True, exist_ok=True)
+        if self.fsync:
+            # A new directory entry is durable only once its parent is synced.
+            for c in reversed(created):
+                _fsync_dir(c.parent)
+
+    def cleanup_temp(self) -> int:
+        """Delete leftover temp files (never acknowledged); return how many."""
+        n = 0
+        for f in self.tmp.glob("*.part"):
+            f.unlink(missing_ok=True)
+            n += 1
+        if n:
+            log.info("removed %d unacknowledged temp file(s) from the spool", n)
+        return n
+
+    def files(self) -> Iterator[Path]:
+        """Yield every durable instance file in the spool."""
+        for f in self.root.glob("??/*/*.dcm"):
+            yield f

@@ -1,0 +1,37 @@
+"""The C-STORE statuses triage answers with, and what each means.
+
+Codes follow PS3.4 Annex B (Storage Service Class): A7xx refused for lack of
+resources, A900 data set does not match SOP class, Cxxx cannot understand.
+The C2xx sub-codes are ours; docs/conformance.md lists them for PACS admins.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+SUCCESS = 0x0000
+OUT_OF_RESOURCES = 0xA700  # low free disk space, or the disk filled while writing
+DATASET_MISMATCH = 0xA900  # data set does not match the SOP class it was sent as
+UNREADABLE = 0xC210  # the data set could not be parsed
+UNEXPECTED = 0xC211  # an unexpected error in the handler (pynetdicom uses it too)
+BAD_UID = 0xC220  # a required UID is missing or not a valid UID
+
+MEANING = {
+    SUCCESS: "Success",
+    OUT_OF_RESOURCES: "Refused: Out of Resources",
+    DATASET_MISMATCH: "Error: Data Set does not match SOP Class",
+    UNREADABLE: "Error: Cannot understand (data set unreadable)",
+    UNEXPECTED: "Error: Cannot understand (unexpected processing failure)",
+    BAD_UID: "Error: Cannot understand (missing or invalid UID)",
+}
+
+
+@dataclass(frozen=True)
+class Refusal(Exception):
+    """A C-STORE we refuse: the status to send and the reason to log."""
+
+    status: int
+    reason: str
+
+    def __str__(self) -> str:
+        return f"0x{self.status:04X} {self.reason}"

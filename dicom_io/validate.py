@@ -1,0 +1,97 @@
+"""Checks a received data set must pass before it is stored. Pure functions."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+from pydicom.dataset import Dataset
+from pydicom.uid import UID
+
+from dicom_io import status
+from dicom_io.status import Refusal
+
+# Header values copied into the database for grouping and display.
+HEADER_KEYWORDS = (
+    "AccessionNumber", "PatientName", "PatientID", "PatientSex", "StudyDate",
+    "StudyTime", "StudyDescription", "Modality",
+)
+
+
+@dataclass(frozen=True)
+class InstanceHeader:
+    """The identifying header of one received instance."""
+
+    sop_class_uid: str
+    sop_instance_uid: str
+    study_uid: str
+    series_uid: str
+    fields: dict[str, str | None]
+
+
+def text_value(value: Any) -> str | None:
+    """Return a header value as stripped text, or None when empty."""
+    if value is None:
+        return None
+    s = str(value).strip()
+    return s or None
+
+
+def _uid(ds: Dataset, keyword: str) -> str:
+    value = ds.get(keyword)
+    if value is None or str(value).strip() == "":
+        raise Refusal(status.BAD_UID, f"{keyword} is missing")
+    uid = UID(str(value).strip())
+    if not uid.is_valid:
+        raise Refusal(status.BAD_UID, f"{keyword} is not a valid UID")
+    return str(uid)
+
+
+def _native_pixel_bytes(ds: Dataset) -> int:
+    rows, cols = int(ds.Rows), int(ds.Columns)
+    spp = int(ds.get("SamplesPerPixel", 1) or 1)
+    frames = int(ds.get("NumberOfFrames", 1) or 1)
+    bits = int(ds.BitsAllocated)
+    total_bits = rows * cols * spp * frames * bits
+    return (total_bits + 7) // 8
+
+
+def check(ds: Dataset, sop_class_uid: str, sop_instance_uid: str, compressed: bool) -> InstanceHeader:
+    """Validate ``ds`` against the C-STORE request and return its header.
+
+    Raises Refusal with BAD_UID for missing or malformed UIDs (or a SOP
+    Instance UID that differs from the request's) and DATASET_MISMATCH when the
+    data set is not the image its SOP class promises.
+    """
+    sop_uid = _uid(ds, "SOPInstanceUID")
+    sop_class = _uid(ds, "SOPClassUID")
+    study_uid = _uid(ds, "StudyInstanceUID")
+    series_uid = _uid(ds, "SeriesInstanceUID")
+    if sop_uid != str(sop_instance_uid).strip():
+        raise Refusal(status.BAD_UID, "SOPInstanceUID differs from the request's Affected SOP Instance UID")
+    if sop_class != str(sop_class_uid).strip():
+        raise Refusal(status.DATASET_MISMATCH, "SOPClassUID differs from the request's Affected SOP Class UID")
+    _check_image(ds, compressed)
+    fields = {k: text_value(ds.get(k)) for k in HEADER_KEYWORDS}
+    return InstanceHeader(sop_class, sop_uid, study_uid, series_uid, fields)
+
+
+def _check_image(ds: Dataset, compressed: bool) -> None:
+    missing = [k for k in ("Rows", "Columns", "BitsAllocated", "PhotometricInterpretation")
+               if ds.get(k) in (None, "")]
+    if "PixelData" not in ds:
+        missing.append("PixelData")
+    if missing:
+        raise Refusal(status.DATASET_MISMATCH,
+                      "image SOP class without required attribute(s): " + ", ".join(missing))
+    try:
+        expected = _native_pixel_bytes(ds)
+    except (TypeError, ValueError) as e:
+        raise Refusal(status.DATASET_MISMATCH, f"image pixel module is malformed: {e}") from e
+    if expected <= 0:
+        raise Refusal(status.DATASET_MISMATCH, "image has zero rows or columns")
+    if not compressed:
+        got = len(ds.PixelData)
+        if got < expected:
+            raise Refusal(status.DATASET_MISMATCH,
+                          f"Pixel Data is {got} bytes but the header implies {expected}")
