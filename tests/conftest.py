@@ -1,0 +1,140 @@
+"""Shared fixtures: a real daemon on a free loopback port, real senders, shared data."""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import shutil
+import socket
+import subprocess
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+from pydicom.dataset import Dataset
+from pynetdicom import AE
+
+from dicom_io.scp import STORAGE_SOP_CLASSES
+from triage import config as config_mod
+from triage.config import Config
+from triage.daemon import Daemon, build_daemon
+
+REPO = Path(__file__).resolve().parents[1]
+SHARED = Path(os.environ.get("TRIAGE_SHARED", REPO.parent / "shared"))
+
+
+def shared_path(*parts: str) -> Path:
+    """Return a path under ../shared, skipping the test (with the reason) when absent."""
+    p = SHARED.joinpath(*parts)
+    if not p.exists():
+        pytest.skip(f"shared data not found at {p}: the shared-data tier needs ../shared")
+    return p
+
+
+def free_port() -> int:
+    """Return a TCP port that was free on 127.0.0.1 a moment ago."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def wait_for(pred: Callable[[], Any], timeout: float = 20.0, interval: float = 0.05) -> Any:
+    """Poll ``pred`` until it returns something truthy; fail the test at the deadline."""
+    deadline = time.monotonic() + timeout
+    while True:
+        value = pred()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            raise AssertionError(f"condition not met within {timeout} s")
+        time.sleep(interval)
+
+
+def make_config(data_dir: Path, **overrides: Any) -> Config:
+    """A config for tests: free ports, short quiet period, data under ``data_dir``."""
+    cfg = config_mod.load()
+    cfg = config_mod.override(cfg, **{"storage.data_dir": str(data_dir), "dicom.port": 0,
+                                      "web.port": 0, "studies.quiet_period_s": 0.5,
+                                      "studies.sweep_interval_s": 0.1,
+                                      "storage.min_free_mb": 0})
+    return config_mod.override(cfg, **overrides) if overrides else cfg
+
+
+@pytest.fixture
+def daemon_factory(tmp_path: Path) -> Iterator[Callable[..., Daemon]]:
+    """Start wired daemons on free ports; every one is stopped at teardown."""
+    started: list[Daemon] = []
+
+    def start(data_dir: Path | None = None, **overrides: Any) -> Daemon:
+        cfg = make_config(data_dir or tmp_path / "var", **overrides)
+        d = build_daemon(cfg)
+        d.start()
+        started.append(d)
+        return d
+
+    yield start
+    for d in started:
+        d.stop(drain_timeout_s=5)
+
+
+@pytest.fixture
+def daemon(daemon_factory: Callable[..., Daemon]) -> Daemon:
+    """One running daemon with the default test config."""
+    return daemon_factory()
+
+
+def scu(calling: str = "TRIAGE_SCU", syntaxes: tuple[str, ...] = ("1.2.840.10008.1.2.1",)) -> AE:
+    """A pynetdicom SCU proposing the storage SOP classes in ``syntaxes`` (explicit VR LE)."""
+    ae = AE(ae_title=calling)
+    ae.acse_timeout = ae.dimse_timeout = ae.network_timeout = 30
+    for sop in STORAGE_SOP_CLASSES:
+        ae.add_requested_context(sop, list(syntaxes))
+    ae.add_requested_context("1.2.840.10008.1.1")
+    return ae
+
+
+def send(port: int, datasets: list[Dataset | Path], calling: str = "TRIAGE_SCU",
+         called: str = "TRIAGE") -> list[int]:
+    """Send over one association with pynetdicom; return each C-STORE status (-1: no reply)."""
+    ae = scu(calling)
+    assoc = ae.associate("127.0.0.1", port, ae_title=called)
+    assert assoc.is_established, "association was not accepted"
+    out = []
+    try:
+        for ds in datasets:
+            rsp = assoc.send_c_store(ds)
+            out.append(int(rsp.Status) if "Status" in rsp else -1)
+    finally:
+        assoc.release()
+    return out
+
+
+def storescu(port: int, *paths: Path, calling: str = "STORESCU", extra: tuple[str, ...] = ()) -> subprocess.CompletedProcess[str]:
+    """Run DCMTK's storescu against the listener and return the finished process."""
+    if shutil.which("storescu") is None:
+        pytest.fail("DCMTK storescu is not installed (make system-deps installs it)")
+    cmd = ["storescu", "-aet", calling, "-aec", "TRIAGE", *extra, "127.0.0.1", str(port),
+           *map(str, paths)]
+    return subprocess.run(cmd, capture_output=True, text=True, timeout=120)
+
+
+def replace_cfg(cfg: Config, section: str, **changes: Any) -> Config:
+    """Return ``cfg`` with fields of one section replaced (test helper)."""
+    return dataclasses.replace(cfg, **{section: dataclasses.replace(getattr(cfg, section), **changes)})
+
+
+@pytest.fixture
+def tiny_fs(tmp_path: Path) -> Iterator[Path]:
+    """A real 2 MiB tmpfs, so a full disk is a real ENOSPC (needs root to mount)."""
+    mnt = tmp_path / "tiny"
+    mnt.mkdir()
+    r = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=2m", "tmpfs", str(mnt)],
+                       capture_output=True, text=True)
+    if r.returncode != 0:
+        pytest.skip(f"cannot mount a tmpfs to fill (needs root): {r.stderr.strip()}")
+    try:
+        yield mnt
+    finally:
+        subprocess.run(["umount", "-l", str(mnt)], capture_output=True)

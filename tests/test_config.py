@@ -1,0 +1,98 @@
+"""The frozen config: defaults, strict loading, overrides, and the CLI's one-line errors."""
+
+from __future__ import annotations
+
+import dataclasses
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from triage import config
+from triage.errors import ConfigError
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def test_shipped_config_loads_with_documented_defaults() -> None:
+    cfg = config.load()
+    assert (cfg.dicom.host, cfg.dicom.port, cfg.dicom.ae_title) == ("127.0.0.1", 11112, "TRIAGE")
+    assert (cfg.web.host, cfg.web.port) == ("127.0.0.1", 8080)
+    assert cfg.storage.data_dir == "./var"
+    assert cfg.dicom.accept_any_calling_ae is False
+    assert "STORESCU" in cfg.dicom.allowed_calling_aes
+
+
+def test_every_shipped_key_is_documented_by_a_comment() -> None:
+    lines = (REPO / "config.toml").read_text().splitlines()
+    for i, line in enumerate(lines):
+        if "=" in line and not line.lstrip().startswith("#"):
+            above = [ln for ln in lines[max(0, i - 12):i] if ln.strip()]
+            assert any(ln.lstrip().startswith("#") for ln in above[-6:]), f"undocumented: {line}"
+
+
+def test_config_is_frozen() -> None:
+    cfg = config.load()
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        cfg.dicom.port = 1  # type: ignore[misc]
+
+
+@pytest.mark.parametrize("data, expected", [
+    ({"dicom": {"prot": 1}}, "unknown config key 'dicom.prot' (did you mean 'dicom.port'?)"),
+    ({"dicm": {}}, "unknown config key 'dicm' (did you mean 'dicom'?)"),
+    ({"dicom": {"port": 70000}}, "'dicom.port'"),
+    ({"dicom": {"port": "11112"}}, "'dicom.port': expected an integer"),
+    ({"dicom": {"ae_title": "A" * 17}}, "'dicom.ae_title'"),
+    ({"dicom": {"host": "not a host"}}, "'dicom.host'"),
+    ({"dicom": {"allowed_calling_aes": []}}, "'dicom.allowed_calling_aes'"),
+    ({"storage": {"min_free_mb": -1}}, "'storage.min_free_mb'"),
+    ({"studies": {"quiet_period_s": -2}}, "'studies.quiet_period_s'"),
+])
+def test_bad_config_is_rejected_naming_the_key(data: dict, expected: str) -> None:
+    with pytest.raises(ConfigError) as e:
+        config.from_dict(data)
+    assert expected in str(e.value)
+    assert "\n" not in str(e.value)
+
+
+def test_accept_any_caller_is_an_explicit_opt_in() -> None:
+    cfg = config.from_dict({"dicom": {"allowed_calling_aes": [], "accept_any_calling_ae": True}})
+    assert cfg.dicom.accept_any_calling_ae
+
+
+def test_override_replaces_fields_and_ignores_missing_flags() -> None:
+    cfg = config.override(config.load(), **{"dicom.port": 4242, "web.port": None})
+    assert cfg.dicom.port == 4242 and cfg.web.port == 8080
+    with pytest.raises(ConfigError, match="dicom.nope"):
+        config.override(cfg, **{"dicom.nope": 1})
+    with pytest.raises(ConfigError, match="dicom.port"):
+        config.override(cfg, **{"dicom.port": 99999})
+
+
+def _cli(*args: str, cwd: Path) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([sys.executable, "-m", "triage.cli", *args], capture_output=True,
+                          text=True, cwd=cwd, timeout=120)
+
+
+def test_cli_bad_config_is_one_line_and_nonzero(tmp_path: Path) -> None:
+    bad = tmp_path / "bad.toml"
+    bad.write_text("[dicom]\nprot = 1\n")
+    r = _cli("serve", "--config", str(bad), cwd=tmp_path)
+    assert r.returncode == 2
+    assert r.stderr.strip().count("\n") == 0, r.stderr
+    assert "dicom.prot" in r.stderr and "Traceback" not in r.stderr
+
+
+def test_cli_missing_config_file_is_one_line(tmp_path: Path) -> None:
+    r = _cli("serve", "--config", str(tmp_path / "nope.toml"), cwd=tmp_path)
+    assert r.returncode == 2 and "not found" in r.stderr and "Traceback" not in r.stderr
+
+
+def test_cli_help_lists_subcommands(tmp_path: Path) -> None:
+    r = _cli("--help", cwd=tmp_path)
+    assert r.returncode == 0 and "serve" in r.stdout
+    r = _cli("serve", "--help", cwd=tmp_path)
+    assert r.returncode == 0
+    for flag in ("--config", "--data-dir", "--dicom-port", "--web-port"):
+        assert flag in r.stdout

@@ -1,0 +1,64 @@
+"""The durable spool: atomic writes, idempotent resends, kept versions, temp clean-up."""
+
+from __future__ import annotations
+
+import hashlib
+import os
+from pathlib import Path
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from dicom_io.spool import Spool, SpoolError
+
+
+def test_write_is_durable_and_named_by_digests_only(tmp_path: Path) -> None:
+    spool = Spool(tmp_path)
+    data = b"DICM" * 1000
+    entry = spool.write("1.2.3", "1.2.3.4", data)
+    assert entry.path.read_bytes() == data
+    assert entry.sha256 == hashlib.sha256(data).hexdigest()
+    assert not entry.existed
+    assert "1.2.3" not in entry.relpath  # no header value in the path
+    assert list(spool.tmp.iterdir()) == []
+
+
+def test_identical_resend_is_idempotent_and_changed_resend_keeps_both(tmp_path: Path) -> None:
+    spool = Spool(tmp_path)
+    a = spool.write("1.2", "1.2.5", b"first")
+    again = spool.write("1.2", "1.2.5", b"first")
+    b = spool.write("1.2", "1.2.5", b"second")
+    assert again.existed and again.path == a.path
+    assert b.path != a.path and a.path.read_bytes() == b"first" and b.path.read_bytes() == b"second"
+    assert sorted(spool.files()) == sorted([a.path, b.path])
+
+
+@settings(max_examples=30, deadline=None)
+@given(uid=st.text(min_size=1, max_size=64))
+def test_hostile_uids_never_escape_the_spool(tmp_path_factory: pytest.TempPathFactory, uid: str) -> None:
+    root = tmp_path_factory.mktemp("spool")
+    entry = Spool(root).write(uid, uid, b"x")
+    assert entry.path.resolve().is_relative_to(root.resolve())
+
+
+def test_cleanup_removes_only_unacknowledged_temp_files(tmp_path: Path) -> None:
+    spool = Spool(tmp_path)
+    kept = spool.write("1.2", "1.2.6", b"durable")
+    (spool.tmp / "abc.part").write_bytes(b"half")
+    assert spool.cleanup_temp() == 1
+    assert kept.path.exists() and list(spool.tmp.iterdir()) == []
+
+
+def test_reserve_is_checked_against_the_real_file_system(tmp_path: Path) -> None:
+    free = Spool(tmp_path).free_bytes()
+    assert Spool(tmp_path, min_free_bytes=0).has_room()
+    assert not Spool(tmp_path, min_free_bytes=free * 2 + 2**40).has_room()
+
+
+def test_enospc_is_reported_as_out_of_space_and_leaves_nothing(tiny_fs: Path) -> None:
+    spool = Spool(tiny_fs)
+    with pytest.raises(SpoolError) as e:
+        spool.write("1.2", "1.2.7", os.urandom(4 * 2**20))
+    assert e.value.out_of_space
+    assert list(spool.files()) == [] and list(spool.tmp.iterdir()) == []
