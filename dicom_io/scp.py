@@ -50,9 +50,14 @@ STORAGE_SOP_CLASSES = {
 }
 
 UNCOMPRESSED = (ImplicitVRLittleEndian, ExplicitVRLittleEndian, DeflatedExplicitVRLittleEndian)
-TRANSFER_SYNTAXES: tuple[UID, ...] = UNCOMPRESSED + (
-    JPEGBaseline8Bit, JPEGExtended12Bit, JPEGLossless, JPEGLosslessSV1,
-    JPEGLSLossless, JPEGLSNearLossless, JPEG2000Lossless, JPEG2000, RLELossless,
+# pynetdicom accepts, within a proposed context, the first syntax in *our* list
+# that the sender offered. Compressed syntaxes come first so that a sender that
+# offers its file's own encoding alongside the uncompressed defaults (as DCMTK's
+# storescu does) sends it as-is: data is stored as received, never transcoded.
+TRANSFER_SYNTAXES: tuple[UID, ...] = (
+    JPEG2000Lossless, JPEG2000, JPEGLSLossless, JPEGLSNearLossless, JPEGLosslessSV1,
+    JPEGLossless, JPEGExtended12Bit, JPEGBaseline8Bit, RLELossless,
+    DeflatedExplicitVRLittleEndian, ExplicitVRLittleEndian, ImplicitVRLittleEndian,
 )
 
 
