@@ -83,7 +83,9 @@ def _voi(x: np.ndarray, ds: Dataset) -> np.ndarray:
     """Apply the dataset's VOI transform, or the percentile fallback; return [0, 1]."""
     if "VOILUTSequence" in ds and len(ds.VOILUTSequence) > 0:
         item = ds.VOILUTSequence[0]
-        out = apply_voi_lut(x, ds, index=0, prefer_lut=True).astype(np.float32)
+        # LUT lookup is by integer index; pydicom mis-indexes float input.
+        out = apply_voi_lut(np.rint(x).astype(np.int64), ds, index=0,
+                            prefer_lut=True).astype(np.float32)
         bits = int(item.LUTDescriptor[2]) if "LUTDescriptor" in item else 16
         top = float(2 ** bits - 1)
         return np.clip(out / top, 0.0, 1.0) if top > 0 else window_percentile(out)

@@ -212,17 +212,17 @@ class PreprocessConfig:
 class TrainConfig:
     """Defaults of ``triage train`` (each is also a CLI flag)."""
 
-    input_size: int = 160
+    input_size: int = 144
     width_mult: float = 1.0
     dropout: float = 0.2
-    epochs: int = 16
+    epochs: int = 12
     batch_size: int = 32
     optimizer: str = "adamw"
     lr: float = 0.002
     weight_decay: float = 0.0001
     warmup_epochs: float = 0.5
     patience: int = 5
-    ema_decay: float = 0.998
+    ema_decay: float = 0.995
     class_weighting: str = "balanced"
     seed: int = 42
     threads: int = 2
@@ -281,6 +281,45 @@ class CalibrationConfig:
 
 
 @dataclass(frozen=True)
+class WorkerConfig:
+    """The scoring worker inside the daemon."""
+
+    processes: int = 2
+    batch_size: int = 16
+    poll_interval_s: float = 0.5
+    max_studies_in_flight: int = 8
+    heatmaps: bool = True
+    tier_overrides: dict[str, float] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        _check(1 <= self.processes <= 64, "worker.processes", "must be 1..64")
+        _check(1 <= self.batch_size <= 256, "worker.batch_size", "must be 1..256")
+        _check(self.poll_interval_s > 0, "worker.poll_interval_s", "must be > 0")
+        _check(self.max_studies_in_flight >= 1, "worker.max_studies_in_flight", "must be >= 1")
+        for name, t in self.tier_overrides.items():
+            _check(isinstance(t, (int, float)) and not isinstance(t, bool) and 0.0 <= t <= 1.0,
+                   f"worker.tier_overrides.{name}", "must be a probability in [0, 1]")
+
+
+@dataclass(frozen=True)
+class DriftConfig:
+    """The drift watch: recent scores against the model card's reference."""
+
+    interval_s: float = 300.0
+    window: int = 500
+    min_samples: int = 30
+    psi_alert: float = 0.25
+    ks_alert: float = 0.2
+
+    def __post_init__(self) -> None:
+        _check(self.interval_s > 0, "drift.interval_s", "must be > 0")
+        _check(self.window >= 1, "drift.window", "must be >= 1")
+        _check(1 <= self.min_samples <= self.window, "drift.min_samples", "must be 1..drift.window")
+        _check(self.psi_alert > 0, "drift.psi_alert", "must be > 0")
+        _check(0 < self.ks_alert <= 1, "drift.ks_alert", "must be in (0, 1]")
+
+
+@dataclass(frozen=True)
 class Config:
     """The whole configuration."""
 
@@ -293,6 +332,8 @@ class Config:
     preprocess: PreprocessConfig = field(default_factory=PreprocessConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     calibration: CalibrationConfig = field(default_factory=CalibrationConfig)
+    worker: WorkerConfig = field(default_factory=WorkerConfig)
+    drift: DriftConfig = field(default_factory=DriftConfig)
 
 
 def _suggest(key: str, known: typing.Iterable[str]) -> str:
@@ -392,3 +433,11 @@ def override(cfg: Config, **changes: Any) -> Config:
         new_sub = dataclasses.replace(sub, **{name: _coerce(value, hint, dotted)})
         cfg = dataclasses.replace(cfg, **{section: new_sub})
     return cfg
+
+
+def section_from_dict(cls: type[T], data: dict[str, Any], prefix: str = "") -> T:
+    """Build one config section (e.g. a model card's ``preprocess``) with the loader's checks.
+
+    Raises ConfigError naming the offending key.
+    """
+    return _build(cls, data, prefix)

@@ -1,0 +1,92 @@
+"""Inference throughput on CPU: ONNX Runtime (fp32 and int8) vs torch eager, same inputs.
+
+Run: .venv/bin/python bench/inference.py [--threads 2] [--batch 32] [--images 512]
+
+Speed does not depend on weight values, so the script needs only the shipped
+model and its card: torch eager is the card's architecture (random weights,
+channels_last, inference mode); the fp32 ONNX is the shipped file when it is
+fp32, else an export of that torch model; the int8 ONNX is the shipped file
+when it is int8, else a static int8 quantisation of the fp32 export.
+Prints images/s for each and the ratio to torch eager.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import tempfile
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import triage.compat  # noqa: E402,F401  (must precede torchvision)
+import torch  # noqa: E402
+
+from triage import export, train  # noqa: E402
+from triage.config import load  # noqa: E402
+
+
+def throughput(run: Callable[[np.ndarray], object], images: np.ndarray, batch: int,
+               min_seconds: float = 3.0) -> float:
+    """Return images/s of ``run`` over ``images`` in batches, after one warm-up pass."""
+    for i in range(0, min(len(images), 2 * batch), batch):
+        run(images[i:i + batch])
+    done, t0 = 0, time.perf_counter()
+    while True:
+        for i in range(0, len(images), batch):
+            run(images[i:i + batch])
+            done += len(images[i:i + batch])
+        elapsed = time.perf_counter() - t0
+        if elapsed >= min_seconds:
+            return done / elapsed
+
+
+def main() -> int:
+    """Print the throughput table; returns the exit status."""
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--batch", type=int, default=32)
+    ap.add_argument("--images", type=int, default=256)
+    ap.add_argument("--model", help="ONNX model (default: model.path from config.toml)")
+    args = ap.parse_args()
+    torch.set_num_threads(args.threads)
+    onnx_path = Path(args.model) if args.model else load().model.onnx_path
+    card = json.loads(onnx_path.with_suffix(".json").read_text())
+    arch, size = card["architecture"], int(card["input"]["size"])
+    net = train.build_model(arch["width_mult"], arch["dropout"], arch["in_channels"]).eval()
+    net = net.to(memory_format=torch.channels_last)
+    images = np.random.default_rng(0).normal(0, 1, (args.images, 1, size, size)).astype(np.float32)
+    work = Path(tempfile.mkdtemp(prefix="triage-bench-"))
+    paths = {card["precision"]: onnx_path}
+    if "fp32" not in paths:
+        paths["fp32"] = export.export_fp32(export.ExportNet(net).eval(), size, work / "fp32.onnx")
+    if "int8" not in paths:
+        paths["int8"] = export.quantize_int8(paths["fp32"], work / "int8.onnx", images[:64])
+
+    def eager(x: np.ndarray) -> object:
+        with torch.inference_mode():
+            return net(torch.as_tensor(x).contiguous(memory_format=torch.channels_last))
+
+    rates = {"torch eager (fp32, channels_last)": throughput(eager, images, args.batch)}
+    for kind in ("fp32", "int8"):
+        sess = export.onnx_session(paths[kind], args.threads)
+        rates[f"onnxruntime {kind}"] = throughput(
+            lambda x, s=sess: s.run(None, {export.INPUT_NAME: x}), images, args.batch)
+    base = rates["torch eager (fp32, channels_last)"]
+    print(f"model {onnx_path.name} (shipped: {card['precision']}), input 1x{size}x{size}, "
+          f"batch {args.batch}, {args.threads} threads, {torch.get_num_threads()} torch threads")
+    for name, r in rates.items():
+        print(f"{name:36s} {r:8.1f} images/s   x{r / base:5.2f} vs torch eager")
+    shipped = rates[f"onnxruntime {card['precision']}"]
+    print(f"shipped model: {shipped:.1f} images/s (target >= 200): "
+          f"{'met' if shipped >= 200 else 'NOT met'}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
