@@ -52,13 +52,23 @@ def wait_for(pred: Callable[[], Any], timeout: float = 20.0, interval: float = 0
         time.sleep(interval)
 
 
+def model_for_tests() -> Path:
+    """The tiny model trained once per session (tests never depend on the shipped weights)."""
+    from .model_fixtures import tiny_model
+
+    return tiny_model().onnx
+
+
 def make_config(data_dir: Path, **overrides: Any) -> Config:
-    """A config for tests: free ports, short quiet period, data under ``data_dir``."""
+    """A config for tests: free ports, short quiet period, tiny model, data under ``data_dir``."""
     cfg = config_mod.load()
     cfg = config_mod.override(cfg, **{"storage.data_dir": str(data_dir), "dicom.port": 0,
                                       "web.port": 0, "studies.quiet_period_s": 0.5,
                                       "studies.sweep_interval_s": 0.1,
-                                      "storage.min_free_mb": 0})
+                                      "storage.min_free_mb": 0,
+                                      "model.path": str(model_for_tests()),
+                                      "worker.processes": 1, "worker.poll_interval_s": 0.1,
+                                      "drift.interval_s": 3600.0})
     return config_mod.override(cfg, **overrides) if overrides else cfg
 
 
@@ -90,7 +100,8 @@ def scu(calling: str = "TRIAGE_SCU", syntaxes: tuple[str, ...] = ("1.2.840.10008
     ae = AE(ae_title=calling)
     ae.acse_timeout = ae.dimse_timeout = ae.network_timeout = 30
     for sop in STORAGE_SOP_CLASSES:
-        ae.add_requested_context(sop, list(syntaxes))
+        for ts in syntaxes:  # one context per syntax, so each can be used as-is
+            ae.add_requested_context(sop, [ts])
     ae.add_requested_context("1.2.840.10008.1.1")
     return ae
 

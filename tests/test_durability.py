@@ -15,18 +15,20 @@ import pytest
 
 from dicom_io import status, synth
 
-from .conftest import free_port, scu, send, wait_for
+from .conftest import free_port, model_for_tests, scu, send, wait_for
 from .dicom_bytes import dataset_body
 
 pytestmark = pytest.mark.slow
 
 
-def _write_config(tmp: Path, port: int, data: Path) -> Path:
+def _write_config(tmp: Path, port: int, data: Path, processes: int = 1) -> Path:
     cfg = tmp / "config.toml"
     cfg.write_text(
         f'[dicom]\nport = {port}\n[web]\nport = {free_port()}\n'
         f'[storage]\ndata_dir = "{data}"\nmin_free_mb = 0\n'
         '[studies]\nquiet_period_s = 0.5\nsweep_interval_s = 0.1\n'
+        f'[model]\npath = "{model_for_tests()}"\n'
+        f'[worker]\nprocesses = {processes}\npoll_interval_s = 0.1\n'
     )
     return cfg
 

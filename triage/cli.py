@@ -55,8 +55,26 @@ def _add_serve(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(func=_serve)
 
 
+def _status(args: argparse.Namespace) -> int:
+    import json
+
+    from triage.status import gather, render
+
+    st = gather(load_config(args))
+    print(json.dumps(st, indent=2) if args.json else render(st))
+    return 0
+
+
+def _add_status(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("status", help="counts by state, backlog, last drift check, model version",
+                       description="Print what the daemon's database holds.")
+    _config_args(p)
+    p.add_argument("--json", action="store_true", help="print JSON instead of text")
+    p.set_defaults(func=_status)
+
+
 # Subcommands are registered in this order; each adder lives next to its handler.
-_ADDERS: list[Callable[[argparse._SubParsersAction], None]] = [_add_serve]
+_ADDERS: list[Callable[[argparse._SubParsersAction], None]] = [_add_serve, _add_status]
 
 
 def register(adder: Callable[[argparse._SubParsersAction], None]) -> None:
@@ -73,9 +91,10 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"triage {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     sub.required = True
+    from triage import cli as registry  # the same module under `python -m triage.cli` too
     from triage import cli_model  # noqa: F401  (registers model subcommands)
 
-    for adder in _ADDERS:
+    for adder in registry._ADDERS:
         adder(sub)
     return parser
 

@@ -18,6 +18,7 @@ from triage import db
 from triage.config import Config
 from triage.errors import TriageError
 from triage.store import Store
+from triage.worker import ScoringWorker
 
 log = logging.getLogger(__name__)
 
@@ -50,6 +51,7 @@ class Daemon:
     store: Store
     spool: Spool
     scp: StoreScp
+    worker: ScoringWorker
     _jobs: list[_Periodic] = field(default_factory=list)
 
     @property
@@ -62,17 +64,28 @@ class Daemon:
         self.spool.cleanup_temp()
         self.store.reconcile(self.spool)
         self.scp.start()
+        self.worker.start()
         quiet = self.cfg.studies.quiet_period_s
-        self._jobs = [_Periodic("complete-studies", self.cfg.studies.sweep_interval_s,
-                                lambda: self.store.complete_quiet_studies(quiet))]
+        self._jobs = [
+            _Periodic("complete-studies", self.cfg.studies.sweep_interval_s,
+                      lambda: self.store.complete_quiet_studies(quiet)),
+            _Periodic("drift-watch", self.cfg.drift.interval_s, self.check_drift),
+        ]
         for job in self._jobs:
             job.start()
+
+    def check_drift(self) -> Any:
+        """Run the drift watch now; returns its verdict."""
+        from triage.drift import check_drift
+
+        return check_drift(self.store, self.worker.model.card, self.cfg.drift)
 
     def stop(self, drain_timeout_s: float = 30.0) -> None:
         """Stop accepting associations, finish those in flight, stop the jobs."""
         self.scp.stop(drain_timeout_s)
         for job in self._jobs:
             job.stop()
+        self.worker.stop()
         self.store.engine.dispose()
 
 
@@ -101,7 +114,20 @@ def build_daemon(cfg: Config) -> Daemon:
     except OSError as e:
         raise TriageError(f"data directory {st.root} is not usable: {e.strerror or e}") from e
     store = Store(db.open_db(st.db_path))
-    return Daemon(cfg, store, spool, StoreScp(scp_settings(cfg), spool, store))
+    model = load_model(cfg)
+    worker = ScoringWorker(cfg, store, model, st.root)
+    return Daemon(cfg, store, spool, StoreScp(scp_settings(cfg), spool, store), worker)
+
+
+def load_model(cfg: Config) -> Any:
+    """Load the configured ONNX model and its card. Raises TriageError when unusable."""
+    import triage.compat  # noqa: F401  (before monai)
+    from triage.scoring import OnnxModel
+
+    m = cfg.model
+    if not m.onnx_path.exists():
+        raise TriageError(f"model file {m.onnx_path} not found (config key model.path)")
+    return OnnxModel.load_files(m.onnx_path, m.card_path, threads=m.threads)
 
 
 def serve(cfg: Config) -> int:

@@ -12,7 +12,9 @@ from pathlib import Path
 from typing import Any
 
 from sqlalchemy import (
+    Boolean,
     Float,
+    UniqueConstraint,
     ForeignKey,
     Integer,
     String,
@@ -105,6 +107,76 @@ class Rejection(Base):
     sop_uid_hash: Mapped[str | None] = mapped_column(String(16))
     status: Mapped[int] = mapped_column(Integer, nullable=False)
     reason: Mapped[str] = mapped_column(Text, nullable=False)
+
+
+class Result(Base):
+    """One scoring of one study version; history is kept, one row per version."""
+
+    __tablename__ = "results"
+    __table_args__ = (UniqueConstraint("study_id", "version", name="uq_results_study_version"),)
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    study_id: Mapped[int] = mapped_column(ForeignKey("studies.id"), nullable=False, index=True)
+    version: Mapped[int] = mapped_column(Integer, nullable=False)
+    state: Mapped[str] = mapped_column(String(16), nullable=False)  # scored | unscored | failed
+    probability: Mapped[float | None] = mapped_column(Float)
+    tier: Mapped[str] = mapped_column(String(32), nullable=False)
+    previous_tier: Mapped[str | None] = mapped_column(String(32))
+    tier_change: Mapped[str | None] = mapped_column(String(8))  # rise | fall | None
+    reasons: Mapped[str | None] = mapped_column(Text)  # JSON list of "image: reason"
+    model_name: Mapped[str] = mapped_column(String(128), nullable=False)
+    model_sha256: Mapped[str] = mapped_column(String(64), nullable=False)
+    thresholds: Mapped[str] = mapped_column(Text, nullable=False)  # JSON
+    timings: Mapped[str] = mapped_column(Text, nullable=False)  # JSON, seconds per stage
+    created_at: Mapped[float] = mapped_column(Float, nullable=False)
+    images: Mapped[list[ImageResult]] = relationship(back_populates="result")
+
+
+class ImageResult(Base):
+    """The score (or reason) of one image within a result, with its input metadata."""
+
+    __tablename__ = "image_results"
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    result_id: Mapped[int] = mapped_column(ForeignKey("results.id"), nullable=False, index=True)
+    instance_id: Mapped[int] = mapped_column(ForeignKey("instances.id"), nullable=False)
+    probability: Mapped[float | None] = mapped_column(Float)
+    reason: Mapped[str | None] = mapped_column(Text)
+    heatmap_path: Mapped[str | None] = mapped_column(Text)
+    thumb_path: Mapped[str | None] = mapped_column(Text)
+    manufacturer: Mapped[str | None] = mapped_column(String(64))
+    photometric: Mapped[str | None] = mapped_column(String(16))
+    bits_stored: Mapped[int | None] = mapped_column(Integer)
+    rows: Mapped[int | None] = mapped_column(Integer)
+    columns: Mapped[int | None] = mapped_column(Integer)
+    pixel_spacing: Mapped[str | None] = mapped_column(String(64))
+    view_position: Mapped[str | None] = mapped_column(String(16))
+    transfer_syntax: Mapped[str | None] = mapped_column(String(64))
+    scored_at: Mapped[float] = mapped_column(Float, nullable=False, index=True)
+    result: Mapped[Result] = relationship(back_populates="images")
+
+
+class DriftCheck(Base):
+    """One run of the drift watch."""
+
+    __tablename__ = "drift_checks"
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    at: Mapped[float] = mapped_column(Float, nullable=False)
+    n: Mapped[int] = mapped_column(Integer, nullable=False)
+    psi: Mapped[float | None] = mapped_column(Float)
+    ks: Mapped[float | None] = mapped_column(Float)
+    unseen: Mapped[str | None] = mapped_column(Text)  # JSON {field: [values]}
+    alert: Mapped[bool] = mapped_column(Boolean, nullable=False)
+    summary: Mapped[str] = mapped_column(Text, nullable=False)
+
+
+class Alert(Base):
+    """Something an operator or radiologist must see (drift, for now)."""
+
+    __tablename__ = "alerts"
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    at: Mapped[float] = mapped_column(Float, nullable=False)
+    kind: Mapped[str] = mapped_column(String(32), nullable=False)
+    message: Mapped[str] = mapped_column(Text, nullable=False)
+    active: Mapped[bool] = mapped_column(Boolean, nullable=False)
 
 
 def _sqlite_pragmas(dbapi_conn: Any, _record: Any) -> None:
