@@ -18,6 +18,7 @@ import logging
 import multiprocessing
 import threading
 import time
+from collections.abc import Callable
 from concurrent.futures import Executor, ProcessPoolExecutor
 from concurrent.futures.process import BrokenProcessPool
 from dataclasses import dataclass, field
@@ -144,6 +145,9 @@ class ScoringWorker:
         self.model_name = str(model.card.get("name", Path(getattr(model, "path", "model")).stem))
         self.model_sha = str(model.card.get("sha256", ""))
         self._pool = pool
+        # Called with the result id after each result is committed (the daemon
+        # schedules a worklist render); it must return quickly.
+        self.on_result: Callable[[int], Any] | None = None
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
 
@@ -168,13 +172,13 @@ class ScoringWorker:
         self._pool = self._new_pool()
 
     def _decode_all(self, insts: list[tuple[int, str, str, str]]) -> list[Decoded]:
-        """Decode a study's images in the pool; isolate any image that kills a decoder."""
+        """Decode images concurrently in the pool; isolate any image that kills a decoder."""
         assert self._pool is not None
         try:
             futures = [self._pool.submit(decode_one, iid, path, ts) for iid, path, ts, _ in insts]
             return [f.result() for f in futures]
         except BrokenProcessPool:
-            log.error("a decoder process died; decoding this study's images one at a time")
+            log.error("a decoder process died; decoding these images one at a time")
         out = []
         for iid, path, ts, uid in insts:
             self._restart_pool()
@@ -199,10 +203,8 @@ class ScoringWorker:
         while not self._stop.is_set():
             try:
                 ids = self.pending(self.cfg.worker.max_studies_in_flight)
-                for sid in ids:
-                    if self._stop.is_set():
-                        break
-                    self.score_study(sid)
+                if ids:
+                    self.score_studies(ids)
             except Exception:
                 log.exception("scoring worker iteration failed; retrying")
                 ids = []
@@ -216,29 +218,47 @@ class ScoringWorker:
                                   .order_by(Study.completed_at, Study.id).limit(limit)))
 
     def score_study(self, study_id: int) -> int | None:
-        """Score one complete study and record a result for its current version.
+        """Score one complete study; returns its result id or None (see :meth:`score_studies`)."""
+        return self.score_studies([study_id]).get(study_id)
 
-        Returns the result id, or None when the study changed (reopened) meanwhile.
+    def score_studies(self, study_ids: list[int]) -> dict[int, int | None]:
+        """Score several complete studies together and record a result for each.
+
+        Their images are decoded concurrently in the pool and inferred in shared
+        batches. Returns {study id: result id, or None when the study changed
+        (reopened) meanwhile or was already scored}.
         """
         t0 = time.perf_counter()
-        with self.store.read() as s:
-            study = s.get(Study, study_id)
-            if study is None or study.state != db.COMPLETE:
-                return None
-            version = study.version
-            insts = [(i.id, str(self.store_root / i.relpath), i.transfer_syntax, i.sop_instance_uid)
-                     for i in s.scalars(select(Instance).where(Instance.study_id == study_id))]
-            study_uid = study.study_uid
-        decoded = self._decode_all(insts)
+        work = self._snapshot(study_ids)
+        all_insts = [i for _, _, insts in work.values() for i in insts]
+        decoded = {d.instance_id: d for d in self._decode_all(all_insts)}
         t_decode = time.perf_counter()
-        probs, cams = self._infer([d for d in decoded if d.x is not None])
+        probs, cams = self._infer([d for d in decoded.values() if d.x is not None])
         t_infer = time.perf_counter()
-        files = self._heatmaps(study_uid, version, decoded, cams)
-        t_heat = time.perf_counter()
-        timings = {"decode_s": round(t_decode - t0, 4), "infer_s": round(t_infer - t_decode, 4),
-                   "heatmap_s": round(t_heat - t_infer, 4),
-                   "decode_cpu_s": round(sum(d.seconds for d in decoded), 4)}
-        return self._record(study_id, version, decoded, probs, files, timings, insts)
+        out: dict[int, int | None] = {}
+        for sid, (version, study_uid, insts) in work.items():
+            th = time.perf_counter()
+            mine = [decoded[i[0]] for i in insts]
+            files = self._heatmaps(study_uid, version, mine, cams)
+            timings = {"decode_s": round(t_decode - t0, 4), "infer_s": round(t_infer - t_decode, 4),
+                       "heatmap_s": round(time.perf_counter() - th, 4),
+                       "decode_cpu_s": round(sum(d.seconds for d in mine), 4),
+                       "batch_studies": len(work)}
+            out[sid] = self._record(sid, version, mine, probs, files, timings, insts)
+        return out
+
+    def _snapshot(self, study_ids: list[int]) -> dict[int, tuple[int, str, list[tuple[int, str, str, str]]]]:
+        """Return {study id: (version, study uid, [(instance id, path, syntax, sop uid)])}."""
+        out = {}
+        with self.store.read() as s:
+            for sid in study_ids:
+                study = s.get(Study, sid)
+                if study is None or study.state != db.COMPLETE:
+                    continue
+                insts = [(i.id, str(self.store_root / i.relpath), i.transfer_syntax, i.sop_instance_uid)
+                         for i in s.scalars(select(Instance).where(Instance.study_id == sid))]
+                out[sid] = (study.version, study.study_uid, insts)
+        return out
 
     @property
     def store_root(self) -> Path:
@@ -281,6 +301,7 @@ class ScoringWorker:
                 files: dict[int, tuple[str, str]], timings: dict[str, float],
                 insts: list[tuple[int, str, str, str]]) -> int | None:
         reasons = {d.instance_id: d.reason for d in decoded if d.reason}
+        probs = {d.instance_id: probs[d.instance_id] for d in decoded if d.instance_id in probs}
         state, p, tier = study_outcome(probs, reasons, self.thresholds)
         uid_of = {iid: uid for iid, _, _, uid in insts}
         reason_list = [f"image {uid_hash(uid_of[i])}: {r}" for i, r in reasons.items()]
@@ -313,6 +334,11 @@ class ScoringWorker:
             s.flush()
             rid = res.id
         self._log(study_id, version, state, p, tier, change, reasons)
+        if self.on_result is not None:
+            try:
+                self.on_result(rid)
+            except Exception:  # a listener must never stop scoring
+                log.exception("result listener failed")
         return rid
 
     def _change(self, before: str | None, after: str) -> str | None:
