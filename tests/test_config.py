@@ -22,6 +22,8 @@ def test_shipped_config_loads_with_documented_defaults() -> None:
     assert cfg.storage.data_dir == "./var"
     assert cfg.dicom.accept_any_calling_ae is False
     assert "STORESCU" in cfg.dicom.allowed_calling_aes
+    assert (cfg.web.token, cfg.web.basic_user, cfg.web.auth_required) == ("", "", False)
+    assert cfg.worklist.retention_days == 0  # retention is off unless asked for
 
 
 def test_every_shipped_key_is_documented_by_a_comment() -> None:
@@ -48,6 +50,11 @@ def test_config_is_frozen() -> None:
     ({"dicom": {"allowed_calling_aes": []}}, "'dicom.allowed_calling_aes'"),
     ({"storage": {"min_free_mb": -1}}, "'storage.min_free_mb'"),
     ({"studies": {"quiet_period_s": -2}}, "'studies.quiet_period_s'"),
+    ({"web": {"token": "too-short"}}, "'web.token'"),
+    ({"web": {"basic_user": "reader"}}, "'web.basic_user'"),
+    ({"worklist": {"render_interval_s": 0}}, "'worklist.render_interval_s'"),
+    ({"worklist": {"retention_days": -1}}, "'worklist.retention_days'"),
+    ({"worklist": {"routine_max_wait": 5}}, "did you mean 'worklist.routine_max_wait_min'"),
 ])
 def test_bad_config_is_rejected_naming_the_key(data: dict, expected: str) -> None:
     with pytest.raises(ConfigError) as e:

@@ -17,30 +17,13 @@ from dicom_io.spool import Spool
 from triage import db
 from triage.config import Config
 from triage.errors import TriageError
+from triage.jobs import Jobs
+from triage.pages import ModelInfo, Pages
 from triage.store import Store
+from triage.web import WebServer, build_app, check_exposure
 from triage.worker import ScoringWorker
 
 log = logging.getLogger(__name__)
-
-
-class _Periodic(threading.Thread):
-    """Run ``fn`` every ``interval`` seconds until stopped; errors are logged, not fatal."""
-
-    def __init__(self, name: str, interval: float, fn: Any) -> None:
-        super().__init__(name=name, daemon=True)
-        self.interval, self.fn = interval, fn
-        self.stopped = threading.Event()
-
-    def run(self) -> None:
-        while not self.stopped.wait(self.interval):
-            try:
-                self.fn()
-            except Exception:
-                log.exception("periodic job %s failed", self.name)
-
-    def stop(self) -> None:
-        self.stopped.set()
-        self.join(timeout=5)
 
 
 @dataclass
@@ -52,40 +35,74 @@ class Daemon:
     spool: Spool
     scp: StoreScp
     worker: ScoringWorker
-    _jobs: list[_Periodic] = field(default_factory=list)
+    pages: Pages
+    web: WebServer
+    jobs: Jobs = field(default_factory=Jobs)
 
     @property
     def dicom_port(self) -> int:
         """The bound DICOM port."""
         return self.scp.port
 
+    @property
+    def web_port(self) -> int:
+        """The bound web port (the worklist is at http://web.host:web_port/)."""
+        return self.web.port
+
     def start(self) -> None:
-        """Recover the spool, then start the listener and the background jobs."""
+        """Recover the spool and render the worklist; start the web server, the listener, the
+        scheduled jobs and the worker. Raises TriageError or OSError when an address is in use."""
         self.spool.cleanup_temp()
         self.store.reconcile(self.spool)
-        self.scp.start()
+        self.pages.render_worklist()
+        self.web.start()
+        try:
+            self.scp.start()
+        except BaseException:
+            self.web.stop()
+            raise
+        self.worker.on_result = lambda _rid: self.jobs.soon(
+            "render-after-result", self.pages.render_worklist, self.cfg.worklist.render_debounce_s)
+        self.jobs.start(self._intervals())  # before the worker, so no result misses its render
         self.worker.start()
-        quiet = self.cfg.studies.quiet_period_s
-        self._jobs = [
-            _Periodic("complete-studies", self.cfg.studies.sweep_interval_s,
-                      lambda: self.store.complete_quiet_studies(quiet)),
-            _Periodic("drift-watch", self.cfg.drift.interval_s, self.check_drift),
-        ]
-        for job in self._jobs:
-            job.start()
+
+    def _intervals(self) -> dict[str, tuple[float, Any]]:
+        quiet, wl = self.cfg.studies.quiet_period_s, self.cfg.worklist
+        jobs: dict[str, tuple[float, Any]] = {
+            "complete-studies": (self.cfg.studies.sweep_interval_s,
+                                 lambda: self.store.complete_quiet_studies(quiet)),
+            "render-worklist": (wl.render_interval_s, self.pages.render_worklist),
+            "drift-watch": (self.cfg.drift.interval_s, self.check_drift),
+        }
+        if wl.retention_days > 0:
+            jobs["purge-reported"] = (wl.purge_interval_s, self.purge)
+        return jobs
 
     def check_drift(self) -> Any:
-        """Run the drift watch now; returns its verdict."""
+        """Run the drift watch now; returns its verdict. An alert shows on the next render."""
         from triage.drift import check_drift
 
         return check_drift(self.store, self.worker.model.card, self.cfg.drift)
 
+    def purge(self) -> Any:
+        """Purge studies reported more than ``worklist.retention_days`` ago; returns what went.
+
+        Does nothing when retention is off (0 days).
+        """
+        from triage.retention import Purged, purge_reported
+
+        days = self.cfg.worklist.retention_days
+        if days <= 0:
+            return Purged()
+        return purge_reported(self.store, self.spool.root, self.cfg.storage.root,
+                              days * 86400.0, self.store.clock())
+
     def stop(self, drain_timeout_s: float = 30.0) -> None:
-        """Stop accepting associations, finish those in flight, stop the jobs."""
+        """Stop accepting associations and requests, finish those in flight, stop the jobs."""
         self.scp.stop(drain_timeout_s)
-        for job in self._jobs:
-            job.stop()
+        self.web.stop()
         self.worker.stop()
+        self.jobs.stop()
         self.store.engine.dispose()
 
 
@@ -107,6 +124,7 @@ def build_daemon(cfg: Config) -> Daemon:
     Returns a Daemon that is not yet started. Raises TriageError when the data
     directory cannot be used.
     """
+    check_exposure(cfg.web)
     st = cfg.storage
     try:
         st.root.mkdir(parents=True, exist_ok=True)
@@ -116,7 +134,17 @@ def build_daemon(cfg: Config) -> Daemon:
     store = Store(db.open_db(st.db_path))
     model = load_model(cfg)
     worker = ScoringWorker(cfg, store, model, st.root)
-    return Daemon(cfg, store, spool, StoreScp(scp_settings(cfg), spool, store), worker)
+    pages = Pages(store, st.root / "www", model_info(worker), cfg.worklist)
+    app = build_app(pages, st.root, cfg.web)
+    return Daemon(cfg, store, spool, StoreScp(scp_settings(cfg), spool, store), worker, pages,
+                  WebServer(cfg.web, app))
+
+
+def model_info(worker: ScoringWorker) -> ModelInfo:
+    """Return what the pages show of the worker's model (thresholds with overrides applied)."""
+    card = worker.model.card
+    return ModelInfo(worker.model_name, worker.model_sha, str(card.get("created", "")),
+                     dict(worker.thresholds))
 
 
 def load_model(cfg: Config) -> Any:
@@ -147,7 +175,8 @@ def serve(cfg: Config) -> int:
     except OSError as e:
         raise TriageError(f"cannot listen on {cfg.dicom.host}:{cfg.dicom.port}: "
                           f"{e.strerror or e}") from e
-    log.info("triage is running; data in %s", cfg.storage.root)
+    log.info("triage is running; data in %s; worklist at http://%s:%d/", cfg.storage.root,
+             cfg.web.host, daemon.web_port)
     stop.wait()
     daemon.stop()
     log.info("triage stopped cleanly")

@@ -60,6 +60,9 @@ class Study(Base):
     first_received_at: Mapped[float] = mapped_column(Float, nullable=False)
     last_received_at: Mapped[float] = mapped_column(Float, nullable=False)
     completed_at: Mapped[float | None] = mapped_column(Float)
+    # Set when a radiologist marks the study reported (it moves to history);
+    # cleared when a late instance reopens it. Retention purges only these.
+    reported_at: Mapped[float | None] = mapped_column(Float, index=True)
     instances: Mapped[list[Instance]] = relationship(back_populates="study")
 
 

@@ -104,6 +104,10 @@ class Store:
             study.state = db.RECEIVING
             study.version += 1
             study.completed_at = None
+        if study.reported_at is not None:
+            # New images after the report must be read again: back to the worklist.
+            log.info("reported study %s has new images: back on the worklist", uid_hash(study.study_uid))
+            study.reported_at = None
         study.last_received_at = now
         for kw, attr in _STUDY_FIELDS.items():
             value = h.fields.get(kw)
@@ -131,6 +135,22 @@ class Store:
                 s.execute(update(Study).where(Study.id.in_(ids))
                           .values(state=db.COMPLETE, completed_at=now))
         return ids
+
+    def mark_reported(self, study_id: int, reported: bool = True) -> bool:
+        """Mark a study reported (it moves to history) or, with ``reported=False``, unread again.
+
+        Returns False when there is no such study. Marking twice keeps the first time.
+        """
+        with self.write() as s:
+            study = s.get(Study, study_id)
+            if study is None:
+                return False
+            if not reported:
+                study.reported_at = None
+            elif study.reported_at is None:
+                study.reported_at = self.clock()
+        log.info("study #%d marked %s", study_id, "reported" if reported else "unread")
+        return True
 
     def counts(self) -> dict[str, int]:
         """Return the number of studies in each state (every state present, maybe 0)."""

@@ -1,0 +1,94 @@
+"""Regenerate docs/worklist.png: the worklist page for a handful of synthetic studies.
+
+Usage: .venv/bin/python scripts/worklist_screenshot.py [OUT.png]
+
+The studies, their probabilities and the alert are made up for the picture (no
+patient data exists here); the page itself is rendered by the daemon's own
+code (triage.pages) into a temporary data directory and photographed in
+Debian's headless Chromium.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+from triage import db
+from triage.config import WorklistConfig
+from triage.db import Alert, Result, Study
+from triage.pages import ModelInfo, Pages
+from triage.store import Store
+
+REPO = Path(__file__).resolve().parents[1]
+
+THRESHOLDS = {"abnormal": 0.31, "urgent": 0.78}
+MIN = 60.0
+# accession, patient, state, minutes waiting, [(tier, probability) per version], note
+STUDIES = [
+    ("ACC-24117", "DEMO^ALPHA", db.SCORED, 4, [("urgent", 0.91)], None),
+    ("ACC-24102", "DEMO^BRAVO", db.SCORED, 22, [("urgent", 0.86)], None),
+    ("ACC-24110", "DEMO^CHARLIE", db.SCORED, 12, [("abnormal", 0.58)], None),
+    ("ACC-24089", "DEMO^DELTA", db.SCORED, 41, [("urgent", 0.81), ("abnormal", 0.47)], None),
+    ("ACC-24061", "DEMO^ECHO", db.SCORED, 135, [("routine", 0.12)], None),
+    ("ACC-24113", "DEMO^FOXTROT", db.SCORED, 16, [("routine", 0.07)], None),
+    ("ACC-24120", "DEMO^GOLF", db.SCORED, 3, [("routine", 0.21)], None),
+    ("ACC-24108", "DEMO^HOTEL", db.UNSCORED, 19, [("unscored", None)],
+     ["image 3fa2c1d9e0b4: lateral view (ViewPosition LL)"]),
+    ("ACC-24122", "DEMO^INDIA", db.RECEIVING, 1, [], None),
+    ("ACC-24121", "DEMO^JULIET", db.COMPLETE, 2, [], None),
+]
+
+
+def populate(store: Store, now: float) -> None:
+    """Insert the synthetic studies, their result versions and one drift alert."""
+    with store.write() as s:
+        for i, (acc, name, state, waited, results, reasons) in enumerate(STUDIES):
+            since = now - waited * MIN
+            study = Study(study_uid=f"2.25.{1000 + i}", accession_number=acc, patient_name=name,
+                          patient_id=f"SYN{1000 + i}", study_description="CHEST PA", modality="DX",
+                          study_date=time.strftime("%Y%m%d", time.localtime(since)),
+                          study_time=time.strftime("%H%M%S", time.localtime(since)), state=state,
+                          version=max(1, len(results)), n_instances=2 if i % 3 == 0 else 1,
+                          first_received_at=since, last_received_at=since)
+            s.add(study)
+            s.flush()
+            prev = None
+            for v, (tier, p) in enumerate(results, start=1):
+                change = None if prev in (None, tier) else "fall"
+                s.add(Result(study_id=study.id, version=v, state=state, probability=p, tier=tier,
+                             previous_tier=prev, tier_change=change, reasons=json.dumps(reasons or []),
+                             model_name="demo", model_sha256="0" * 64,
+                             thresholds=json.dumps(THRESHOLDS), timings="{}", created_at=since + v))
+                prev = tier
+        s.add(Alert(at=now - 50 * MIN, kind="drift", active=True,
+                    message="PSI 0.312 (alert at 0.25), KS 0.214 (alert at 0.2) over 500 images; "
+                            "score distribution has shifted from the validation reference"))
+
+
+def main(out: Path) -> None:
+    """Render the synthetic worklist and save a screenshot of it at ``out``."""
+    from playwright.sync_api import sync_playwright
+
+    root = Path(tempfile.mkdtemp(prefix="triage-shot-"))
+    now = time.time()
+    store = Store(db.open_db(root / "triage.sqlite"), clock=lambda: now)
+    populate(store, now)
+    model = ModelInfo("demo-model", "0" * 64, "", THRESHOLDS)
+    pages = Pages(store, root / "www", model, WorklistConfig(refresh_s=0), clock=lambda: now)
+    pages.render_worklist()
+    with sync_playwright() as p:
+        browser = p.chromium.launch(executable_path="/usr/bin/chromium", headless=True, args=[
+            "--no-sandbox", "--disable-gpu", "--disable-background-networking",
+            "--disable-component-update", "--disable-sync", "--no-first-run"])
+        page = browser.new_page(viewport={"width": 1280, "height": 760})
+        page.goto(pages.worklist_html.as_uri())
+        page.screenshot(path=str(out), full_page=True)
+        browser.close()
+    print(out)
+
+
+if __name__ == "__main__":
+    main(Path(sys.argv[1]) if len(sys.argv) > 1 else REPO / "docs" / "worklist.png")
