@@ -82,16 +82,44 @@ class DicomConfig:
             _check(getattr(self, name) > 0, f"dicom.{name}", "must be > 0")
 
 
+def is_loopback(host: str) -> bool:
+    """Return True when ``host`` (an IP address or 'localhost') is a loopback address."""
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+MIN_TOKEN_CHARS = 16
+
+
 @dataclass(frozen=True)
 class WebConfig:
-    """The worklist web server."""
+    """The worklist web server and who may open it."""
 
     host: str = "127.0.0.1"
     port: int = 8080
+    token: str = ""
+    basic_user: str = ""
+    basic_password: str = ""
 
     def __post_init__(self) -> None:
         _check_host(self.host, "web.host")
         _check_port(self.port, "web.port")
+        _check(not self.token or (len(self.token) >= MIN_TOKEN_CHARS and self.token.isascii()
+                                  and self.token.isprintable() and " " not in self.token),
+               "web.token", f"must be empty or at least {MIN_TOKEN_CHARS} printable ASCII "
+               "characters without spaces")
+        _check(bool(self.basic_user) == bool(self.basic_password), "web.basic_user",
+               "basic_user and basic_password must be set together")
+        _check(":" not in self.basic_user, "web.basic_user", "must not contain ':'")
+
+    @property
+    def auth_required(self) -> bool:
+        """True when a token or a basic-auth user is configured."""
+        return bool(self.token or self.basic_user)
 
 
 @dataclass(frozen=True)
@@ -320,6 +348,53 @@ class DriftConfig:
 
 
 @dataclass(frozen=True)
+class WorklistConfig:
+    """The worklist: when it is rendered, how it orders, how long reported studies are kept."""
+
+    render_interval_s: float = 15.0
+    render_debounce_s: float = 1.0
+    refresh_s: int = 30
+    routine_max_wait_min: float = 120.0
+    retention_days: int = 0
+    purge_interval_s: float = 3600.0
+
+    def __post_init__(self) -> None:
+        _check(self.render_interval_s > 0, "worklist.render_interval_s", "must be > 0")
+        _check(self.render_debounce_s >= 0, "worklist.render_debounce_s", "must be >= 0")
+        _check(self.refresh_s >= 0, "worklist.refresh_s", "must be >= 0 (0: no auto-refresh)")
+        _check(self.routine_max_wait_min >= 0, "worklist.routine_max_wait_min",
+               "must be >= 0 (0: never lift)")
+        _check(self.retention_days >= 0, "worklist.retention_days", "must be >= 0 (0: keep all)")
+        _check(self.purge_interval_s > 0, "worklist.purge_interval_s", "must be > 0")
+
+
+@dataclass(frozen=True)
+class ReplayConfig:
+    """``triage replay``: decoding processes, the reader model and the statistics' resampling.
+
+    The ageing rule of the simulated triage order is the worklist's
+    (``worklist.routine_max_wait_min``).
+    """
+
+    workers: int = 2
+    readers: int = 1
+    minutes_per_study: float = 6.0
+    reading_time_cv: float = 0.5
+    poisson_rate_per_hour: float = 8.0
+    seeds: int = 20
+    bootstrap: int = 1000
+
+    def __post_init__(self) -> None:
+        _check(1 <= self.workers <= 64, "replay.workers", "must be 1..64")
+        _check(self.readers >= 1, "replay.readers", "must be >= 1")
+        _check(self.minutes_per_study > 0, "replay.minutes_per_study", "must be > 0")
+        _check(0 <= self.reading_time_cv <= 5, "replay.reading_time_cv", "must be in [0, 5]")
+        _check(self.poisson_rate_per_hour > 0, "replay.poisson_rate_per_hour", "must be > 0")
+        _check(1 <= self.seeds <= 10000, "replay.seeds", "must be 1..10000")
+        _check(0 <= self.bootstrap <= 100000, "replay.bootstrap", "must be 0..100000 (0: none)")
+
+
+@dataclass(frozen=True)
 class Config:
     """The whole configuration."""
 
@@ -334,6 +409,8 @@ class Config:
     calibration: CalibrationConfig = field(default_factory=CalibrationConfig)
     worker: WorkerConfig = field(default_factory=WorkerConfig)
     drift: DriftConfig = field(default_factory=DriftConfig)
+    worklist: WorklistConfig = field(default_factory=WorklistConfig)
+    replay: ReplayConfig = field(default_factory=ReplayConfig)
 
 
 def _suggest(key: str, known: typing.Iterable[str]) -> str:
