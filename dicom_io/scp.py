@@ -17,11 +17,11 @@ from dataclasses import dataclass
 from typing import Any, Protocol
 
 from pydicom.uid import (
+    JPEG2000,
     UID,
     DeflatedExplicitVRLittleEndian,
     ExplicitVRLittleEndian,
     ImplicitVRLittleEndian,
-    JPEG2000,
     JPEG2000Lossless,
     JPEGBaseline8Bit,
     JPEGExtended12Bit,
@@ -32,7 +32,6 @@ from pydicom.uid import (
     RLELossless,
 )
 from pynetdicom import AE, evt
-from pynetdicom.sop_class import Verification
 
 from dicom_io import status
 from dicom_io.ids import uid_hash
@@ -42,6 +41,7 @@ from dicom_io.validate import InstanceHeader, check
 
 log = logging.getLogger(__name__)
 
+VERIFICATION = "1.2.840.10008.1.1"
 STORAGE_SOP_CLASSES = {
     "1.2.840.10008.5.1.4.1.1.1": "Computed Radiography Image Storage",
     "1.2.840.10008.5.1.4.1.1.1.1": "Digital X-Ray Image Storage - For Presentation",
@@ -121,7 +121,7 @@ class StoreScp:
         ae.network_timeout = s.network_timeout_s
         ae.dimse_timeout = s.dimse_timeout_s
         ae.acse_timeout = s.acse_timeout_s
-        ae.add_supported_context(Verification)
+        ae.add_supported_context(VERIFICATION)
         for sop_class in STORAGE_SOP_CLASSES:
             ae.add_supported_context(sop_class, list(TRANSFER_SYNTAXES))
         return ae
@@ -135,7 +135,7 @@ class StoreScp:
 
     def start(self) -> None:
         """Bind and start serving in background threads; returns at once."""
-        handlers = [
+        handlers: list[Any] = [
             (evt.EVT_C_ECHO, self._on_echo),
             (evt.EVT_C_STORE, self._on_store),
             (evt.EVT_REJECTED, self._on_rejected),
@@ -186,10 +186,10 @@ class StoreScp:
             self._refuse(calling, sop_class, sop_uid, r)
             return r.status
         except Exception as e:  # the handler must answer, whatever happened
-            r = Refusal(status.UNEXPECTED, f"unexpected {type(e).__name__}: {e}")
+            failure = Refusal(status.UNEXPECTED, f"unexpected {type(e).__name__}: {e}")
             log.exception("C-STORE of %s failed unexpectedly", uid_hash(sop_uid))
-            self._refuse(calling, sop_class, sop_uid, r)
-            return r.status
+            self._refuse(calling, sop_class, sop_uid, failure)
+            return failure.status
         log.info("C-STORE %s: instance %s of study %s from %s", outcome, uid_hash(sop_uid),
                  uid_hash(header.study_uid), calling)
         return status.SUCCESS

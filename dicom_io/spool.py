@@ -143,5 +143,4 @@ class Spool:
 
     def files(self) -> Iterator[Path]:
         """Yield every durable instance file in the spool."""
-        for f in self.root.glob("??/*/*.dcm"):
-            yield f
+        yield from self.root.glob("??/*/*.dcm")

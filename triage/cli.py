@@ -92,8 +92,10 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     sub.required = True
     from triage import cli as registry  # the same module under `python -m triage.cli` too
-    from triage import cli_model  # noqa: F401  (registers model subcommands)
-    from triage import cli_replay  # noqa: F401  (registers replay and archive)
+    from triage import (
+        cli_model,  # noqa: F401  (registers model subcommands)
+        cli_replay,  # noqa: F401  (registers replay and archive)
+    )
 
     for adder in registry._ADDERS:
         adder(sub)

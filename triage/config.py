@@ -422,7 +422,7 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
     origin = typing.get_origin(tp)
     if dataclasses.is_dataclass(tp):
         _check(isinstance(value, dict), key, "must be a table")
-        return _build(tp, value, key + ".")
+        return _build(typing.cast(type, tp), value, key + ".")
     if origin is tuple:
         _check(isinstance(value, list), key, "must be a list")
         (item_tp, _) = typing.get_args(tp)

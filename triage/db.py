@@ -14,11 +14,11 @@ from typing import Any
 from sqlalchemy import (
     Boolean,
     Float,
-    UniqueConstraint,
     ForeignKey,
     Integer,
     String,
     Text,
+    UniqueConstraint,
     create_engine,
     event,
 )

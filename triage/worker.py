@@ -18,6 +18,7 @@ import logging
 import multiprocessing
 import threading
 import time
+import typing
 from collections.abc import Callable
 from concurrent.futures import Executor, ProcessPoolExecutor
 from concurrent.futures.process import BrokenProcessPool
@@ -271,7 +272,7 @@ class ScoringWorker:
         bs = self.cfg.worker.batch_size
         for i in range(0, len(ready), bs):
             chunk = ready[i:i + bs]
-            p, cam = self.model.predict(np.stack([d.x for d in chunk]))
+            p, cam = self.model.predict(np.stack([typing.cast(np.ndarray, d.x) for d in chunk]))
             for j, d in enumerate(chunk):
                 probs[d.instance_id] = float(p[j])
                 if cam is not None:
