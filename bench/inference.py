@@ -19,16 +19,17 @@ import tempfile
 import time
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-import triage.compat  # noqa: E402,F401  (must precede torchvision)
-import torch  # noqa: E402
+import torch
 
-from triage import export, train  # noqa: E402
-from triage.config import load  # noqa: E402
+import triage.compat  # noqa: F401  (must precede torchvision)
+from triage import export, train
+from triage.config import load
 
 
 def throughput(run: Callable[[np.ndarray], object], images: np.ndarray, batch: int,
@@ -46,6 +47,14 @@ def throughput(run: Callable[[np.ndarray], object], images: np.ndarray, batch: i
             return done / elapsed
 
 
+def _ort_runner(sess: Any) -> Callable[[np.ndarray], object]:
+    """Return a function that runs ``sess`` on one batch."""
+    def run(x: np.ndarray) -> object:
+        return sess.run(None, {export.INPUT_NAME: x})
+
+    return run
+
+
 def main() -> int:
     """Print the throughput table; returns the exit status."""
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
@@ -59,7 +68,7 @@ def main() -> int:
     card = json.loads(onnx_path.with_suffix(".json").read_text())
     arch, size = card["architecture"], int(card["input"]["size"])
     net = train.build_model(arch["width_mult"], arch["dropout"], arch["in_channels"]).eval()
-    net = net.to(memory_format=torch.channels_last)
+    net = net.to(memory_format=torch.channels_last)  # type: ignore[call-overload]
     images = np.random.default_rng(0).normal(0, 1, (args.images, 1, size, size)).astype(np.float32)
     work = Path(tempfile.mkdtemp(prefix="triage-bench-"))
     paths = {card["precision"]: onnx_path}
@@ -75,8 +84,7 @@ def main() -> int:
     rates = {"torch eager (fp32, channels_last)": throughput(eager, images, args.batch)}
     for kind in ("fp32", "int8"):
         sess = export.onnx_session(paths[kind], args.threads)
-        rates[f"onnxruntime {kind}"] = throughput(
-            lambda x, s=sess: s.run(None, {export.INPUT_NAME: x}), images, args.batch)
+        rates[f"onnxruntime {kind}"] = throughput(_ort_runner(sess), images, args.batch)
     base = rates["torch eager (fp32, channels_last)"]
     print(f"model {onnx_path.name} (shipped: {card['precision']}), input 1x{size}x{size}, "
           f"batch {args.batch}, {args.threads} threads, {torch.get_num_threads()} torch threads")

@@ -6,9 +6,11 @@ and exporting it takes a few seconds even at 64 px.
 
 from __future__ import annotations
 
+import atexit
 import csv
 import dataclasses
 import functools
+import shutil
 import tempfile
 from pathlib import Path
 
@@ -77,6 +79,7 @@ def tiny_model() -> TinyModel:
     from triage.config import CalibrationConfig, PreprocessConfig, TrainConfig
 
     root = Path(tempfile.mkdtemp(prefix="triage-tiny-"))
+    atexit.register(shutil.rmtree, root, True)
     manifest = write_dataset(root / "data")
     samples = train.read_manifest(manifest)
     tcfg = TrainConfig(input_size=SIZE, width_mult=0.35, epochs=3, batch_size=8, lr=0.003,

@@ -26,7 +26,7 @@ def _inputs(n: int = 4) -> np.ndarray:
 
 def _fp32_session() -> tuple[object, torch.nn.Module, dict]:
     m = tiny_model()
-    model, meta = train.load_checkpoint(m.checkpoint)
+    model, _ = train.load_checkpoint(m.checkpoint)
     cal = json.loads(m.calibration.read_text())
     net = export.ExportNet(model, cal["temperature"], cal["prior_shift"]).eval()
     fp32 = m.checkpoint.parent / "export" / "tiny.fp32.onnx"
@@ -45,7 +45,7 @@ def test_onnx_matches_torch_within_tolerance() -> None:
 
 
 def test_calibration_is_baked_in() -> None:
-    sess, net, cal = _fp32_session()
+    sess, _, cal = _fp32_session()
     x = _inputs(2)
     out = export.run_session(sess, x)
     model, _ = train.load_checkpoint(tiny_model().checkpoint)

@@ -73,3 +73,15 @@ def test_too_small_and_blank_images() -> None:
     assert gate_pixels(h, np.zeros((256, 256))).startswith("blank image")
     assert gate_pixels(h, np.random.rand(256, 200)) is None
     assert gate_pixels(h, np.random.rand(100, 100), min_size=64) is None
+
+
+def test_header_size_and_body_part() -> None:
+    small = make_dataset(SynthSpec(rows=16, columns=16, view_position="LL"))
+    assert gate_header(header_from_dataset(small)).startswith("image too small")
+    hip = make_dataset(SynthSpec())
+    hip.BodyPartExamined = "HIP"
+    assert gate_header(header_from_dataset(hip)) == "body part HIP is not the chest"
+    for part in ("CHEST", "THORAX", ""):
+        ds = make_dataset(SynthSpec())
+        ds.BodyPartExamined = part
+        assert gate_header(header_from_dataset(ds)) is None

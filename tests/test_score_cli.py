@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import ClassVar
 
 import numpy as np
 import pytest
@@ -18,7 +19,7 @@ from triage.scoring import Score, score, score_path
 class FixedModel:
     """A scorer that returns a fixed probability, for testing score() without ONNX."""
 
-    thresholds = {"abnormal": 0.3, "urgent": 0.8}
+    thresholds: ClassVar[dict[str, float]] = {"abnormal": 0.3, "urgent": 0.8}
 
     def __init__(self, p: float) -> None:
         self.p = p

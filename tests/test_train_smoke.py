@@ -24,7 +24,7 @@ def test_tiny_training_writes_checkpoints_history_model_and_card() -> None:
     assert rows and {"train_loss", "val_loss", "val_auc", "val_accuracy"} <= set(rows[0])
     assert m.onnx.stat().st_size > 0
     card = json.loads(m.card.read_text())
-    for key in ("architecture", "input", "preprocessing", "training", "validation",
+    for key in ("architecture", "input", "preprocess", "training", "validation",
                 "temperature", "operating_points", "ece", "reference_scores", "software",
                 "intended_use", "limitations"):
         assert key in card, key

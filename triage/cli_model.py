@@ -150,6 +150,8 @@ def _score(args: argparse.Namespace) -> int:
     from triage.scoring import OnnxModel, iter_inputs, score_path
 
     cfg = load_config(args)
+    _setup_logging(cfg.logging.level)
+    _quiet_decoders()
     model = OnnxModel.load_files(args.model or cfg.model.onnx_path,
                                  args.card or (None if args.model else cfg.model.card_path),
                                  cfg.model.threads)
@@ -167,6 +169,16 @@ def _score(args: argparse.Namespace) -> int:
         else:
             print(f"{r.path}\t{r.probability:.4f}\t{r.tier}", flush=True)
     return 1 if missing else 0
+
+
+def _quiet_decoders() -> None:
+    """Silence pydicom's per-plugin tracebacks: a failed decode is reported once, as a reason."""
+    import warnings
+
+    import pydicom  # noqa: F401  (its import resets the "pydicom" logger level)
+
+    logging.getLogger("pydicom").setLevel(logging.CRITICAL)
+    warnings.filterwarnings("ignore", module="pydicom")
 
 
 def _add_score(sub: argparse._SubParsersAction) -> None:

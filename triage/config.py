@@ -294,7 +294,7 @@ class CalibrationConfig:
 
     operating_points: tuple[OperatingPointConfig, ...] = (
         OperatingPointConfig("abnormal", "sensitivity", 0.95),
-        OperatingPointConfig("urgent", "specificity", 0.97),
+        OperatingPointConfig("urgent", "sensitivity", 0.70),
     )
     conservative: bool = False
     ece_bins: int = 15

@@ -22,15 +22,16 @@ import datetime as _dt
 import json
 import logging
 import platform
+import warnings
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
 import numpy as np
-
-import triage.compat  # noqa: F401  (must precede torchvision and monai)
 import torch
 from torch import nn
+
+import triage.compat  # noqa: F401  (must precede torchvision and monai)
 
 log = logging.getLogger(__name__)
 
@@ -43,19 +44,19 @@ INT8_AUC_TOLERANCE = 0.005
 class ExportNet(nn.Module):
     """MobileNetV2 with the calibration baked in and the CAM as a second output."""
 
-    def __init__(self, model: nn.Module, temperature: float = 1.0, prior_shift: float = 0.0) -> None:
+    def __init__(self, model: Any, temperature: float = 1.0, prior_shift: float = 0.0) -> None:
         super().__init__()
-        self.features = model.features
-        self.linear = model.classifier[-1]
+        self.body: nn.Module = model.features
+        self.head: nn.Linear = model.classifier[-1]
         self.register_buffer("temperature", torch.tensor(float(temperature)))
         self.register_buffer("prior_shift", torch.tensor(float(prior_shift)))
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Return (probability, calibrated logit, Grad-CAM map) for a batch."""
-        f = self.features(x)
-        logit = self.linear(f.mean(dim=(2, 3)))[:, 0]
+        f = self.body(x)
+        logit = self.head(f.mean(dim=(2, 3)))[:, 0]
         z = (logit - self.prior_shift) / self.temperature
-        w = self.linear.weight[0].view(1, -1, 1, 1)
+        w = self.head.weight[0].view(1, -1, 1, 1)
         cam = torch.relu((f * w).sum(dim=1)) / float(f.shape[2] * f.shape[3])
         return torch.sigmoid(z), z, cam
 
@@ -67,9 +68,12 @@ def export_fp32(net: ExportNet, size: int, path: str | Path) -> Path:
     out = Path(path)
     out.parent.mkdir(parents=True, exist_ok=True)
     axes = {INPUT_NAME: {0: "batch"}, **{n: {0: "batch"} for n in OUTPUT_NAMES}}
-    torch.onnx.export(net, (dummy,), str(out), dynamo=False, opset_version=OPSET,
-                      input_names=[INPUT_NAME], output_names=list(OUTPUT_NAMES),
-                      dynamic_axes=axes, do_constant_folding=True)
+    with warnings.catch_warnings():
+        # The feature-map size is fixed by the input spec, so tracing it as a constant is right.
+        warnings.simplefilter("ignore", torch.jit.TracerWarning)
+        torch.onnx.export(net, (dummy,), str(out), dynamo=False, opset_version=OPSET,
+                          input_names=[INPUT_NAME], output_names=list(OUTPUT_NAMES),
+                          dynamic_axes=axes, do_constant_folding=True)
     return out
 
 
@@ -149,15 +153,16 @@ INTENDED_USE = (
     "still read by a clinician, and a 'routine' tier never means 'normal'."
 )
 LIMITATIONS = [
-    "Trained only on pediatric chest radiographs (Kermany et al. 2018, patients aged 1-5, one "
-    "centre in Guangzhou), labelled NORMAL vs PNEUMONIA. Performance on adults, other "
-    "populations, other centres and other findings is unvalidated.",
-    "Training images were 8-bit JPEGs squashed to 224x224; full-bit-depth DICOM is windowed and "
-    "squashed the same way, but domain shift from the source DICOM pipeline is likely.",
-    "Validation figures come from the val split used for early stopping and calibration, so they "
-    "are optimistic; independent test performance is expected to be lower.",
-    "Lateral views, For Processing images, colour images, non-CR/DX/SC modalities and images "
-    "smaller than the gating minimum are not scored.",
+    ("Trained only on pediatric chest radiographs (Kermany et al. 2018, patients aged 1-5, one "
+     "centre in Guangzhou), labelled NORMAL vs PNEUMONIA. Performance on adults, other "
+     "populations, other centres and other findings is unvalidated."),
+    ("Training images were 8-bit JPEGs squashed to 224x224; full-bit-depth DICOM is windowed and "
+     "squashed the same way, but domain shift from the source DICOM pipeline is likely."),
+    ("Validation figures come from the val split used for early stopping and calibration, so they "
+     "are optimistic; independent test performance is expected to be lower."),
+    ("Lateral and other non-frontal views, For Processing images, colour images, modalities "
+     "other than CR/DX/SC, body parts other than the chest and images smaller than the gating "
+     "minimum are not scored."),
     "The class-activation map is a coarse visual aid, not a localisation of findings.",
 ]
 
@@ -171,7 +176,7 @@ def build_card(meta: dict[str, Any], cal: dict[str, Any], shipped: dict[str, Any
         "file": shipped["file"],
         "sha256": shipped["sha256"],
         "precision": shipped["precision"],
-        "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+        "created": _dt.datetime.now(_dt.UTC).isoformat(timespec="seconds"),
         "architecture": {**meta["arch"], "head": "global average pooling -> dropout -> linear",
                          "weights_init": meta.get("init") or "random (weights=None)"},
         "input": meta["input"],
@@ -182,7 +187,7 @@ def build_card(meta: dict[str, Any], cal: dict[str, Any], shipped: dict[str, Any
                    "ReLU(sum_k w_k F_k) / (h w); upsample bilinearly and min-max normalise",
         },
         "gradcam": {"target_layer": "features", "feature_shape": list(feature_shape)},
-        "preprocessing": meta["preprocess"],
+        "preprocess": meta["preprocess"],
         "training": {"manifest_sha256": meta.get("manifest_sha256", ""),
                      "counts": meta.get("counts", {}), "config": meta.get("train_config", {}),
                      "best_epoch": meta.get("epoch"), "pos_weight": meta.get("pos_weight"),
@@ -232,7 +237,7 @@ def _evaluate(probs: np.ndarray, labels: np.ndarray, cal_cfg: Any) -> dict[str, 
     points = operating_points(labels, probs, cal_cfg.operating_points, cal_cfg.conservative,
                               cal_cfg.confidence)
     return {
-        "validation": {"split": "val", "n": int(len(labels)), "n_pos": int(labels.sum()),
+        "validation": {"split": "val", "n": len(labels), "n_pos": int(labels.sum()),
                        "auc": metrics.auc(labels, probs),
                        "ece": metrics.ece(labels, probs, cal_cfg.ece_bins),
                        "ece_bins": cal_cfg.ece_bins},
@@ -296,6 +301,7 @@ def run(checkpoint: str | Path, calibration_json: str | Path, samples: Sequence[
     shipped = {"name": name, "file": f"{name}.onnx", "precision": chosen,
                "sha256": variants[chosen]["sha256"], **evals[chosen]}
     feature_shape = list(results[chosen]["cam"].shape[1:])
-    card = build_card(meta, cal, shipped, variants, [int(model.last_channel), *feature_shape])
+    channels = int(model.last_channel)  # type: ignore[arg-type]
+    card = build_card(meta, cal, shipped, variants, [channels, *feature_shape])
     write_json(out / f"{name}.json", card)
     return card

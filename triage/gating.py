@@ -24,6 +24,8 @@ FOR_PROCESSING_SOP_CLASSES = (
     "1.2.840.10008.5.1.4.1.1.1.3.1",  # Digital Intra-Oral - For Processing
 )
 MIN_SIZE_PX = 128
+# BodyPartExamined values (substrings) that mean the chest; anything else stated is rejected.
+CHEST_BODY_PARTS = ("CHEST", "THORAX", "THORAC", "LUNG", "TORAX")
 
 
 @dataclass(frozen=True)
@@ -38,13 +40,16 @@ class Header:
     photometric: str = "MONOCHROME2"
     samples_per_pixel: int = 1
     has_pixels: bool = True
+    rows: int = 0
+    columns: int = 0
+    body_part: str = ""
 
 
 def _text(ds: Dataset, keyword: str) -> str:
     """Return an attribute as stripped upper-case text ('' when absent or unreadable)."""
     try:
         value: Any = ds.get(keyword, "")
-    except Exception:  # a malformed element must not crash gating
+    except Exception:  # noqa: BLE001 - a malformed element must not crash gating
         return ""
     return str(value if value is not None else "").strip().upper()
 
@@ -53,7 +58,7 @@ def _view_code_lateral(ds: Dataset) -> bool:
     """True when ViewCodeSequence names a lateral projection."""
     try:
         items = list(ds.get("ViewCodeSequence", []) or [])
-    except Exception:
+    except Exception:  # noqa: BLE001 - a malformed sequence means "not stated"
         return False
     for item in items:
         code = str(item.get("CodeValue", "")).strip()
@@ -63,12 +68,17 @@ def _view_code_lateral(ds: Dataset) -> bool:
     return False
 
 
+def _int(ds: Dataset, keyword: str, default: int) -> int:
+    """Return an integer attribute, or ``default`` when absent or malformed."""
+    try:
+        return int(ds.get(keyword, default) or default)
+    except (TypeError, ValueError):
+        return default
+
+
 def header_from_dataset(ds: Dataset) -> Header:
     """Return the gating :class:`Header` of a dataset. Raises nothing."""
-    try:
-        samples = int(ds.get("SamplesPerPixel", 1) or 1)
-    except (TypeError, ValueError):
-        samples = 1
+    samples = _int(ds, "SamplesPerPixel", 1)
     has_pixels = any(k in ds for k in ("PixelData", "FloatPixelData", "DoubleFloatPixelData"))
     return Header(
         modality=_text(ds, "Modality"),
@@ -79,19 +89,28 @@ def header_from_dataset(ds: Dataset) -> Header:
         photometric=_text(ds, "PhotometricInterpretation") or "MONOCHROME2",
         samples_per_pixel=samples,
         has_pixels=has_pixels,
+        rows=_int(ds, "Rows", 0),
+        columns=_int(ds, "Columns", 0),
+        body_part=_text(ds, "BodyPartExamined"),
     )
 
 
-def gate_header(h: Header, allowed_modalities: tuple[str, ...] = ALLOWED_MODALITIES) -> str | None:
+def gate_header(h: Header, allowed_modalities: tuple[str, ...] = ALLOWED_MODALITIES,
+                min_size: int = MIN_SIZE_PX) -> str | None:
     """Return why a dataset with header ``h`` must not be scored, or None.
 
-    ``h.modality`` None means an image file without a DICOM header: not checked.
+    Checked before decoding, cheapest and most certain first. ``h.modality``
+    None means an image file without a DICOM header: not checked.
     """
     if h.modality is not None and h.modality not in allowed_modalities:
         shown = h.modality or "missing"
         return f"modality {shown} is not {', '.join(allowed_modalities)}"
     if not h.has_pixels:
         return "no pixel data"
+    if 0 < min(h.rows, h.columns) < min_size:
+        return f"image too small for a radiograph ({h.rows}x{h.columns} < {min_size} px)"
+    if h.body_part and not any(part in h.body_part for part in CHEST_BODY_PARTS):
+        return f"body part {h.body_part} is not the chest"
     if h.view_position in LATERAL_VIEWS or (h.view_position == "" and h.view_code_lateral):
         return f"lateral view (ViewPosition {h.view_position or 'code'})"
     if h.view_position not in FRONTAL_VIEWS:

@@ -18,9 +18,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import numpy as np
-
 import triage.compat  # noqa: F401  (must precede monai)
+
+# isort: split
+
+import numpy as np
 from monai.transforms import (
     Compose,
     EnsureChannelFirst,
@@ -164,7 +166,7 @@ def build_transforms(cfg: PreprocessConfig, spec: InputSpec, train: bool = False
     if train:
         steps += _augmentations(cfg, spec.size)
     steps += [
-        NormalizeIntensity(subtrahend=cfg.mean, divisor=cfg.std),
+        NormalizeIntensity(subtrahend=cfg.mean, divisor=cfg.std),  # type: ignore[arg-type]
         EnsureType(data_type="tensor", dtype=np.float32, track_meta=False),
     ]
     if spec.channels > 1:
@@ -182,9 +184,12 @@ def preprocess_of(card: dict[str, Any]) -> PreprocessConfig:
     import json
 
     from triage.config import section_from_dict
+    from triage.errors import ConfigError
 
     # A JSON round trip turns a checkpoint's tuples into the lists TOML would give.
-    recorded = json.loads(json.dumps(card.get("preprocess", {})))
+    if "preprocess" not in card:
+        raise ConfigError("model card has no 'preprocess' section")
+    recorded = json.loads(json.dumps(card["preprocess"]))
     return section_from_dict(PreprocessConfig, recorded, "preprocess.")
 
 
@@ -207,7 +212,7 @@ def load_dicom(ds: Dataset, cfg: PreprocessConfig = _DEFAULT) -> np.ndarray:
     Raises UnscorableError with the gating or decoding reason.
     """
     header = header_from_dataset(ds)
-    reason = gate_header(header, cfg.allowed_modalities)
+    reason = gate_header(header, cfg.allowed_modalities, cfg.min_size_px)
     if reason is not None:
         raise UnscorableError(reason)
     try:

@@ -30,7 +30,10 @@ UNSCORED = "unscored"
 class Model(Protocol):
     """What scoring needs from a model."""
 
-    thresholds: Mapping[str, float | None]
+    @property
+    def thresholds(self) -> Mapping[str, float | None]:
+        """Operating-point name -> probability threshold (None: never reached)."""
+        ...
 
     def prepare(self, image: np.ndarray) -> np.ndarray:
         """Return the network input (C, S, S) float32 for a decoded grey image."""

@@ -28,11 +28,10 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-
-import triage.compat  # noqa: F401  (must precede torchvision and monai)
 import torch
 from torch import nn
 
+import triage.compat  # noqa: F401  (must precede torchvision and monai)
 from triage.config import PreprocessConfig, TrainConfig
 from triage.errors import InputError, UnscorableError
 from triage.metrics import auc as roc_auc
@@ -278,13 +277,13 @@ def ema_decay_at(decay: float, n_averaged: int) -> float:
     return min(decay, (1.0 + n_averaged) / (10.0 + n_averaged))
 
 
-def _ema_model(model: nn.Module, decay: float) -> nn.Module | None:
+def _ema_model(model: nn.Module, decay: float) -> Any:
     """Return an exponential moving average of ``model`` (weights and BN buffers), or None."""
     if decay <= 0:
         return None
     from torch.optim.swa_utils import AveragedModel
 
-    def avg(avg_p: torch.Tensor, p: torch.Tensor, n: torch.Tensor) -> torch.Tensor:
+    def avg(avg_p: torch.Tensor, p: torch.Tensor, n: torch.Tensor | int) -> torch.Tensor:
         if not avg_p.is_floating_point():
             return p.detach().clone()
         d = ema_decay_at(decay, int(n))
@@ -293,7 +292,7 @@ def _ema_model(model: nn.Module, decay: float) -> nn.Module | None:
     return AveragedModel(model, avg_fn=avg, use_buffers=True)
 
 
-def _run_epoch(model: nn.Module, ema: nn.Module | None, loader: Any, opt: torch.optim.Optimizer,
+def _run_epoch(model: nn.Module, ema: Any, loader: Any, opt: torch.optim.Optimizer,
                sched: Any, loss_fn: nn.Module, cfg: TrainConfig, desc: str) -> float:
     """Train one epoch; return the mean training loss."""
     from tqdm import tqdm
@@ -351,7 +350,7 @@ def train(samples: Sequence[Sample], out_dir: str | Path, cfg: TrainConfig,
     if init is not None:
         init_from(model, init)
     if cfg.channels_last:
-        model = model.to(memory_format=torch.channels_last)
+        model = model.to(memory_format=torch.channels_last)  # type: ignore[call-overload]
     ema = _ema_model(model, cfg.ema_decay)
     loader = torch.utils.data.DataLoader(CachedDataset(x_tr, y_tr, train_rest),
                                          batch_size=cfg.batch_size, shuffle=True,
@@ -396,7 +395,7 @@ class _Capped:
         return self.n
 
 
-def _fit(model: nn.Module, ema: nn.Module | None, loader: Any, opt: torch.optim.Optimizer,
+def _fit(model: nn.Module, ema: Any, loader: Any, opt: torch.optim.Optimizer,
          sched: Any, loss_fn: nn.Module, cfg: TrainConfig, out: Path, meta: dict[str, Any],
          x_va: torch.Tensor, y_va: np.ndarray, eval_rest: Callable[[Any], Any],
          prior_shift: float) -> TrainResult:
@@ -409,7 +408,7 @@ def _fit(model: nn.Module, ema: nn.Module | None, loader: Any, opt: torch.optim.
         t0 = time.monotonic()
         train_loss = _run_epoch(model, ema, loader, opt, sched, loss_fn, cfg,
                                 f"epoch {epoch}/{cfg.epochs}")
-        judged = ema.module if ema is not None else model
+        judged: nn.Module = ema.module if ema is not None else model
         val = evaluate(predict_logits(judged, x_va, eval_rest, channels_last=cfg.channels_last),
                        y_va, prior_shift)
         row = {"epoch": epoch, "train_loss": train_loss, **{f"val_{k}": v for k, v in val.items()},
