@@ -41,6 +41,7 @@ class SynthSpec:
     accession_number: str = "ACC0001"
     study_description: str = "CHEST PA"
     manufacturer: str = "triage-synth"
+    patient_age: str | None = None  # Age String, e.g. "004Y" or "045Y"
     window: tuple[float, float] | None = None  # (center, width)
     rescale: tuple[float, float] | None = None  # (slope, intercept)
     seed: int = 0
@@ -95,6 +96,8 @@ def make_dataset(
     ds.PatientName = spec.patient_name
     ds.PatientID = spec.patient_id
     ds.PatientSex = "O"
+    if spec.patient_age is not None:
+        ds.PatientAge = spec.patient_age
     ds.AccessionNumber = spec.accession_number
     ds.StudyDescription = spec.study_description
     ds.StudyDate = when.strftime("%Y%m%d")

@@ -25,7 +25,7 @@ def test_upgrade_from_first_revision_keeps_rows(tmp_path: Path) -> None:
     engine.dispose()
     engine = db.open_db(tmp_path / "old.sqlite")  # what `serve` does at start
     with engine.connect() as c:
-        assert db.current_revision(engine) == "0004"
+        assert db.current_revision(engine) == "0005"
         assert c.execute(text("SELECT study_uid, state, version, reported_at FROM studies")).all() == [
             ("1.2.3", "complete", 1, None)]
         assert c.execute(text("SELECT relpath, state FROM instances")).all() == [("aa/x.dcm", "received")]

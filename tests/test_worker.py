@@ -239,3 +239,33 @@ def test_drift_job_records_a_check_and_an_alert(daemon: Daemon) -> None:
         alerts = list(s.scalars(select(Alert).where(Alert.active.is_(True))))
     assert check.n == verdict.n == 3 and check.summary == verdict.summary
     assert bool(alerts) == verdict.alert
+
+
+def test_age_strings_parse_to_years() -> None:
+    from triage.worker import age_years
+
+    assert age_years("045Y") == 45 and age_years("006M") == 0.5
+    assert age_years("") is None and age_years("45Y") is None and age_years("045X") is None
+
+
+def test_population_shift_is_named_when_adults_arrive() -> None:
+    card, cfg = _card(np.random.default_rng(2).beta(5, 2, 500)), DriftConfig(min_samples=5)
+    kids = [{"patient_age_years": a} for a in (2, 3, 4, 5, None)]
+    adults = kids + [{"patient_age_years": a} for a in (45, 61, 38)]
+    assert not assess(card, [0.8] * 5, kids, cfg).unseen
+    v = assess(card, [0.8] * 8, adults, cfg)
+    assert v.alert and "3 of 7 images" in v.summary and "not trained on this population" in v.summary
+
+
+def test_adult_studies_raise_a_population_alert_in_the_daemon(daemon: Daemon) -> None:
+    from triage.db import Alert
+
+    dss = [synth.make_dataset(synth.SynthSpec(rows=160, columns=160, patient_age=f"0{40 + i}Y"))
+           for i in range(3)]
+    assert send(daemon.dicom_port, dss) == [0, 0, 0]
+    wait_for(lambda: all(_results(daemon, d.StudyInstanceUID) for d in dss), timeout=60)
+    verdict = daemon.check_drift()
+    assert verdict.alert and "aged outside 0-17 years" in verdict.summary
+    with daemon.store.read() as s:
+        [alert] = list(s.scalars(select(Alert).where(Alert.active.is_(True))))
+    assert "population" in alert.message

@@ -338,9 +338,16 @@ class DriftConfig:
     min_samples: int = 30
     psi_alert: float = 0.25
     ks_alert: float = 0.2
+    population_age_years: tuple[float, ...] = (0.0, 17.0)
+    population_alert_fraction: float = 0.1
 
     def __post_init__(self) -> None:
         _check(self.interval_s > 0, "drift.interval_s", "must be > 0")
+        a = self.population_age_years
+        _check(len(a) == 2 and 0 <= a[0] <= a[1], "drift.population_age_years",
+               "must be [youngest, oldest] in years")
+        _check(0 < self.population_alert_fraction <= 1, "drift.population_alert_fraction",
+               "must be in (0, 1]")
         _check(self.window >= 1, "drift.window", "must be >= 1")
         _check(1 <= self.min_samples <= self.window, "drift.min_samples", "must be 1..drift.window")
         _check(self.psi_alert > 0, "drift.psi_alert", "must be > 0")

@@ -153,6 +153,7 @@ class ImageResult(Base):
     pixel_spacing: Mapped[str | None] = mapped_column(String(64))
     view_position: Mapped[str | None] = mapped_column(String(16))
     transfer_syntax: Mapped[str | None] = mapped_column(String(64))
+    patient_age_years: Mapped[float | None] = mapped_column(Float)
     scored_at: Mapped[float] = mapped_column(Float, nullable=False, index=True)
     result: Mapped[Result] = relationship(back_populates="images")
 

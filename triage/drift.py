@@ -23,7 +23,8 @@ from triage.db import Alert, DriftCheck, ImageResult
 log = logging.getLogger(__name__)
 
 _EPS = 1e-4
-METADATA_FIELDS = ("manufacturer", "photometric", "bits_stored", "view_position", "transfer_syntax")
+METADATA_FIELDS = ("manufacturer", "photometric", "bits_stored", "view_position", "transfer_syntax",
+                   "patient_age_years")
 
 
 def psi(ref_counts: Sequence[float], edges: Sequence[float], sample: Sequence[float]) -> float:
@@ -94,6 +95,9 @@ def assess(card: Mapping[str, Any], scores: Sequence[float], meta_rows: Sequence
     """
     n = len(scores)
     unseen = unseen_metadata(card.get("training_metadata", {}), meta_rows)
+    outside = population_shift(meta_rows, cfg)
+    if outside:
+        unseen["patient_age"] = [outside]
     if n < cfg.min_samples:
         return DriftVerdict(n, None, None, unseen, bool(unseen),
                             f"{n} scored image(s), fewer than {cfg.min_samples}: no score verdict"
@@ -110,8 +114,24 @@ def assess(card: Mapping[str, Any], scores: Sequence[float], meta_rows: Sequence
     return DriftVerdict(n, p, k, unseen, shifted or bool(unseen), "; ".join(parts))
 
 
+def population_shift(meta_rows: Sequence[Mapping[str, Any]], cfg: DriftConfig) -> str | None:
+    """Return a sentence when too many images come from patients outside the training ages.
+
+    Images without a stated age are not judged. Returns None when the share of
+    aged images outside ``cfg.population_age_years`` is below the alert fraction.
+    """
+    ages = [float(r["patient_age_years"]) for r in meta_rows if r.get("patient_age_years") is not None]
+    lo, hi = cfg.population_age_years
+    out = [a for a in ages if not lo <= a <= hi]
+    if not ages or len(out) / len(ages) < cfg.population_alert_fraction:
+        return None
+    return (f"{len(out)} of {len(ages)} images are from patients aged outside {lo:g}-{hi:g} years "
+            f"(median {float(np.median(out)):.0f}); the model was not trained on this population")
+
+
 def _fmt(unseen: Mapping[str, Sequence[str]]) -> str:
-    return ", ".join(f"{k}={'/'.join(v[:3])}" for k, v in unseen.items())
+    return ", ".join(v[0] if k == "patient_age" else f"{k}={'/'.join(v[:3])}"
+                     for k, v in unseen.items())
 
 
 def check_drift(store: Any, card: Mapping[str, Any], cfg: DriftConfig) -> DriftVerdict:

@@ -87,7 +87,17 @@ def read_metadata(path: Path, transfer_syntax: str) -> dict[str, Any]:
         elif v is not None:
             v = str(v).strip()[:64] or None
         meta[name] = v
+    meta["patient_age_years"] = age_years(ds.get("PatientAge"))
     return meta
+
+
+def age_years(value: Any) -> float | None:
+    """Return a DICOM Age String ('045Y', '006M', '010W', '003D') in years, or None."""
+    s = str(value or "").strip().upper()
+    units = {"Y": 1.0, "M": 12.0, "W": 52.1775, "D": 365.25}
+    if len(s) != 4 or not s[:3].isdigit() or s[3] not in units:
+        return None
+    return int(s[:3]) / units[s[3]]
 
 
 def decode_one(instance_id: int, path: str, transfer_syntax: str) -> Decoded:
@@ -328,7 +338,8 @@ class ScoringWorker:
                 s.add(ImageResult(result=res, instance_id=d.instance_id,
                                   probability=probs.get(d.instance_id), reason=d.reason,
                                   heatmap_path=hp, thumb_path=tp, scored_at=now,
-                                  **{k: d.meta.get(k) for k in (*_META_KEYS.values(), "transfer_syntax")}))
+                                  **{k: d.meta.get(k) for k in (*_META_KEYS.values(), "transfer_syntax",
+                                                                "patient_age_years")}))
             study.state = state
             for inst in s.scalars(select(Instance).where(Instance.study_id == study_id)):
                 inst.state = "processed"
