@@ -142,9 +142,13 @@ def test_kill_9_during_scoring_then_restart_scores_every_study_exactly_once(tmp_
     dss = [synth.make_dataset(synth.SynthSpec(rows=512, columns=512, seed=i)) for i in range(12)]
     assert send(port, dss) == [0] * len(dss)
     wait_for(lambda: n_results() >= 1, timeout=120)
+    decoders = _descendants(proc.pid)
+    assert decoders, "the daemon should have decoder processes"
     proc.send_signal(signal.SIGKILL)
     proc.wait(30)
     killed_at = n_results()
+    # Orphaned decoders notice the daemon is gone and exit.
+    wait_for(lambda: not any(Path(f"/proc/{p}").exists() for p in decoders), timeout=30)
     proc = start()
     try:
         wait_for(lambda: n_results() >= len(dss), timeout=180)
@@ -158,6 +162,18 @@ def test_kill_9_during_scoring_then_restart_scores_every_study_exactly_once(tmp_
     finally:
         proc.send_signal(signal.SIGTERM)
         proc.wait(60)
+
+
+def _descendants(pid: int) -> list[int]:
+    """Return the pids of every process below ``pid`` (Linux /proc)."""
+    out, todo = [], [pid]
+    while todo:
+        p = todo.pop()
+        for task in Path(f"/proc/{p}/task").glob("*/children"):
+            kids = [int(k) for k in task.read_text().split()]
+            out += kids
+            todo += kids
+    return out
 
 
 def test_status_command_reports_counts_backlog_and_model(daemon: Daemon) -> None:

@@ -16,6 +16,7 @@ from __future__ import annotations
 import json
 import logging
 import multiprocessing
+import os
 import threading
 import time
 import typing
@@ -61,12 +62,31 @@ class Decoded:
 _DECODER: dict[str, Any] = {}
 
 
-def _init_decoder(card: dict[str, Any]) -> None:
+def _init_decoder(card: dict[str, Any], daemon_pid: int | None = None) -> None:
     import triage.compat  # noqa: F401  (before monai)
+
+    if daemon_pid is not None:
+        threading.Thread(target=_exit_with, args=(daemon_pid,), name="orphan-watch",
+                         daemon=True).start()
     from triage.preprocess import InputSpec, build_transforms, preprocess_of
 
     _DECODER["pre"] = preprocess_of(card)
     _DECODER["chain"] = build_transforms(_DECODER["pre"], InputSpec.from_dict(card["input"]), train=False)
+
+
+def _exit_with(daemon_pid: int, interval_s: float = 1.0) -> None:
+    """Exit this decoder process once the daemon is gone (after a kill -9 nobody
+    would tell it, and an orphaned decoder holds hundreds of MB)."""
+    import os
+
+    while True:
+        time.sleep(interval_s)
+        try:
+            os.kill(daemon_pid, 0)
+        except ProcessLookupError:
+            os._exit(0)
+        except PermissionError:
+            pass  # the pid exists under another user: the daemon is alive
 
 
 def read_metadata(path: Path, transfer_syntax: str) -> dict[str, Any]:
@@ -175,7 +195,8 @@ class ScoringWorker:
         # forkserver: never fork a process that holds the listener's threads and sockets.
         ctx = multiprocessing.get_context("forkserver")
         return ProcessPoolExecutor(self.cfg.worker.processes, mp_context=ctx,
-                                   initializer=_init_decoder, initargs=(self.model.card,))
+                                   initializer=_init_decoder,
+                                   initargs=(self.model.card, os.getpid()))
 
     def _restart_pool(self) -> None:
         if self._pool is not None:
