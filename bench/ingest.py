@@ -94,12 +94,12 @@ def run_storescp(files: list[Path], work: Path) -> float:
     return dt
 
 
-def run_triage(files: list[Path], work: Path) -> float:
+def run_triage(files: list[Path], work: Path, fsync: bool = True) -> float:
     data = work / "triage-var"
     port = free_port()
     cfg = work / "bench.toml"
     cfg.write_text(f'[dicom]\nport = {port}\n[web]\nport = {free_port()}\n'
-                   f'[storage]\ndata_dir = "{data}"\nmin_free_mb = 0\nfsync = true\n'
+                   f'[storage]\ndata_dir = "{data}"\nmin_free_mb = 0\nfsync = {str(fsync).lower()}\n'
                    '[logging]\nlevel = "WARNING"\n')
     proc = subprocess.Popen([str(REPO / ".venv/bin/triage"), "serve", "--config", str(cfg)],
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
@@ -120,6 +120,8 @@ def main() -> int:
     ap.add_argument("--n", type=int, default=200)
     ap.add_argument("--size", type=int, default=2048)
     ap.add_argument("--rounds", type=int, default=2)
+    ap.add_argument("--no-fsync", action="store_true",
+                    help="run triage with storage.fsync = false (crash-safe, not power-cut-safe)")
     ap.add_argument("--cache", type=Path, default=Path(tempfile.gettempdir()) / "triage-bench-ingest")
     args = ap.parse_args()
     files = make_instances(args.cache / f"src-{args.n}-{args.size}", args.n, args.size)
@@ -127,14 +129,16 @@ def main() -> int:
     times: dict[str, list[float]] = {"storescp": [], "triage": []}
     with tempfile.TemporaryDirectory(dir=args.cache) as tmp:
         for r in range(args.rounds):
-            for name, fn in (("storescp", run_storescp), ("triage", run_triage)):
-                dt = fn(files, Path(tmp))
+            for name in ("storescp", "triage"):
+                dt = (run_storescp(files, Path(tmp)) if name == "storescp"
+                      else run_triage(files, Path(tmp), fsync=not args.no_fsync))
                 times[name].append(dt)
                 print(f"round {r + 1} {name:9s} {dt:7.2f} s  {mb / dt:8.1f} MB/s  "
                       f"{len(files) / dt:7.1f} inst/s", flush=True)
     med = {k: statistics.median(v) for k, v in times.items()}
     print(f"\n{len(files)} instances, {args.size}x{args.size} 16-bit, {mb:.0f} MB, "
-          f"median of {args.rounds} round(s), one association each")
+          f"median of {args.rounds} round(s), one association each; triage fsync "
+          f"{'off' if args.no_fsync else 'on'}")
     for name in ("storescp", "triage"):
         print(f"{name:9s} {mb / med[name]:8.1f} MB/s  {len(files) / med[name]:7.1f} instances/s")
     print(f"ratio triage/storescp (throughput): {med['storescp'] / med['triage']:.2f}")
