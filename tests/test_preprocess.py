@@ -115,3 +115,22 @@ def test_load_any_dicom_reasons(tmp_path: Path) -> None:
         load_any(tmp_path / "junk.dcm")
     ok = synth.write(synth.make_dataset(synth.SynthSpec()), tmp_path / "ok.dcm")
     assert load_any(ok).shape == (256, 256)
+
+
+def test_box_reduce_keeps_small_images_and_matches_the_full_resize_on_large_ones() -> None:
+    import numpy as np
+    from monai.transforms import Resize
+
+    from dicom_io.synth import phantom
+    from triage.preprocess import box_reduce
+
+    small = np.random.default_rng(0).random((1, 224, 224), dtype=np.float32)
+    assert box_reduce(small, 144) is small or np.array_equal(box_reduce(small, 144), small)
+    big = phantom(2000, 1800, bits_stored=12, seed=3).astype(np.float32)[None] / 4095
+    reduced = box_reduce(big, 144)
+    assert reduced.shape == (1, 334, 300)  # factor 1800 // 288 = 6, edges padded
+    resize = Resize((144, 144), mode="bilinear", anti_aliasing=True)
+    direct = np.asarray(resize(big))[0]
+    via = np.asarray(resize(reduced))[0]
+    assert np.corrcoef(direct.ravel(), via.ravel())[0, 1] > 0.999
+    assert np.abs(direct - via).mean() < 0.01
