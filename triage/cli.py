@@ -93,6 +93,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub.required = True
     from triage import cli as registry  # the same module under `python -m triage.cli` too
     from triage import (
+        cli_bench,  # noqa: F401  (registers benchmark)
         cli_model,  # noqa: F401  (registers model subcommands)
         cli_replay,  # noqa: F401  (registers replay and archive)
     )
@@ -109,6 +110,8 @@ def _setup_logging(level: str = "INFO") -> None:
     )
     # pynetdicom narrates every message at INFO; our own handlers log what matters.
     logging.getLogger("pynetdicom").setLevel(logging.WARNING)
+    # Alembic narrates its plugins and context; triage logs the migration itself.
+    logging.getLogger("alembic").setLevel(logging.WARNING)
     # APScheduler narrates each job it adds, and warns when a busy sweep skips a
     # turn (the next turn does the work); a job that fails is still logged.
     logging.getLogger("apscheduler").setLevel(logging.WARNING)

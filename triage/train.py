@@ -318,13 +318,18 @@ def _run_epoch(model: nn.Module, ema: Any, loader: Any, opt: torch.optim.Optimiz
 
 def train(samples: Sequence[Sample], out_dir: str | Path, cfg: TrainConfig,
           pre_cfg: PreprocessConfig, init: str | Path | None = None,
-          manifest_sha256: str = "", max_steps: int | None = None) -> TrainResult:
+          manifest_sha256: str = "", max_steps: int | None = None,
+          model_factory: Callable[[int], nn.Module] | None = None,
+          arch: dict[str, Any] | None = None) -> TrainResult:
     """Train, validate every epoch, early-stop on validation loss; write checkpoints.
 
     Writes ``last.pt`` (every epoch), ``best.pt`` (lowest validation loss, the
     EMA weights when enabled) and ``history.jsonl`` under ``out_dir``.
-    ``max_steps`` caps optimiser steps per epoch (for smoke tests). Returns a
-    :class:`TrainResult`. Raises InputError on unusable data.
+    ``max_steps`` caps optimiser steps per epoch (for smoke tests).
+    ``model_factory(in_channels)`` replaces the shipped MobileNetV2 (used by
+    ``triage benchmark``; such checkpoints are not loadable by
+    :func:`load_checkpoint`) and ``arch`` is then recorded as the checkpoint's
+    ``arch``. Returns a :class:`TrainResult`. Raises InputError on unusable data.
     """
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
@@ -346,7 +351,8 @@ def train(samples: Sequence[Sample], out_dir: str | Path, cfg: TrainConfig,
     log.info("train %d (%d positive), val %d (%d positive); pos_weight %.3f",
              len(y_tr), int(y_tr.sum()), len(y_va), int(y_va.sum()), w)
 
-    model = build_model(cfg.width_mult, cfg.dropout, spec.channels)
+    model = (build_model(cfg.width_mult, cfg.dropout, spec.channels) if model_factory is None
+             else model_factory(spec.channels))
     if init is not None:
         init_from(model, init)
     if cfg.channels_last:
@@ -362,8 +368,8 @@ def train(samples: Sequence[Sample], out_dir: str | Path, cfg: TrainConfig,
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: lr_factor(s, total, warm))
     loss_fn = nn.BCEWithLogitsLoss(pos_weight=torch.tensor(w))
     meta = {
-        "arch": {"name": "mobilenet_v2", "width_mult": cfg.width_mult, "dropout": cfg.dropout,
-                 "in_channels": spec.channels, "outputs": 1},
+        "arch": arch or {"name": "mobilenet_v2", "width_mult": cfg.width_mult,
+                         "dropout": cfg.dropout, "in_channels": spec.channels, "outputs": 1},
         "input": spec.to_dict(),
         "preprocess": dataclasses.asdict(pre_cfg),
         "train_config": dataclasses.asdict(cfg),
