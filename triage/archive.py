@@ -31,6 +31,7 @@ from pydicom.uid import JPEG2000Lossless, JPEGLSLossless, generate_uid
 
 from dicom_io import synth
 from triage.errors import InputError
+from triage.manifest import read_labelled_rows
 
 log = logging.getLogger(__name__)
 
@@ -76,17 +77,8 @@ def read_manifest(manifest: Path, images: Path, split: str | None) -> list[Sourc
 
     Raises InputError on a missing file or column, or a label other than 0/1.
     """
-    try:
-        with manifest.open(newline="") as fh:
-            rows = list(csv.DictReader(fh))
-    except OSError as e:
-        raise InputError(f"cannot read manifest {manifest}: {e}") from e
-    if not rows or not {"path", "label"} <= set(rows[0]):
-        raise InputError(f"manifest {manifest} needs columns path,label[,split,sha256]")
     out = []
-    for i, r in enumerate(rows, start=2):
-        if r["label"].strip() not in ("0", "1"):
-            raise InputError(f"manifest {manifest} row {i}: label {r['label']!r} is not 0 or 1")
+    for r in read_labelled_rows(manifest):
         s = (r.get("split") or "").strip()
         if split is None or s == split:
             out.append(Source(images / r["path"], r["path"], int(r["label"]), s,

@@ -14,7 +14,6 @@ functions; :func:`train` is the I/O edge that writes checkpoints and logs.
 
 from __future__ import annotations
 
-import csv
 import dataclasses
 import hashlib
 import json
@@ -34,6 +33,7 @@ from torch import nn
 import triage.compat  # noqa: F401  (must precede torchvision and monai)
 from triage.config import PreprocessConfig, TrainConfig
 from triage.errors import InputError, UnscorableError
+from triage.manifest import read_labelled_rows
 from triage.metrics import auc as roc_auc
 from triage.preprocess import InputSpec, build_transforms, load_any, split_cached
 
@@ -73,17 +73,8 @@ def read_manifest(csv_path: str | Path, root: str | Path | None = None,
     """
     csv_path = Path(csv_path)
     base = Path(root) if root is not None else csv_path.parent
-    try:
-        with csv_path.open(newline="") as fh:
-            rows = list(csv.DictReader(fh))
-    except OSError as e:
-        raise InputError(f"cannot read manifest {csv_path}: {e}") from e
-    if not rows or not {"path", "label"} <= set(rows[0]):
-        raise InputError(f"manifest {csv_path} needs columns path,label[,split]")
     out = []
-    for i, r in enumerate(rows):
-        if r["label"].strip() not in ("0", "1"):
-            raise InputError(f"manifest {csv_path} row {i + 2}: label {r['label']!r} is not 0 or 1")
+    for r in read_labelled_rows(csv_path):
         split = (r.get("split") or "").strip() or _hash_split(r["path"], val_fraction)
         out.append(Sample(base / r["path"], int(r["label"]), split))
     return out
