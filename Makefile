@@ -25,9 +25,11 @@ serve: setup
 	$(BIN)/triage serve
 
 test: setup system-deps
+	$(BIN)/lint-imports
 	$(BIN)/python -m pytest -q
 
 test-core: setup system-deps
+	$(BIN)/lint-imports
 	$(BIN)/python -m pytest -q -m "not shared"
 
 test-shared: setup system-deps

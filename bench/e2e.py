@@ -31,7 +31,7 @@ import numpy as np  # noqa: E402
 from pydicom.uid import ExplicitVRLittleEndian, JPEG2000Lossless, JPEGLSLossless  # noqa: E402
 
 from bench.ingest import free_port, wait_port  # noqa: E402
-from dicom_io import synth  # noqa: E402
+from tests import synth  # noqa: E402
 
 FLAGS = {ExplicitVRLittleEndian: (), JPEG2000Lossless: ("-R", "-xv"), JPEGLSLossless: ("-R", "-xt")}
 

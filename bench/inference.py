@@ -27,9 +27,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import torch
 
-import triage.compat  # noqa: F401  (must precede torchvision)
-from triage import export, train
+import triage.training.compat  # noqa: F401  (must precede torchvision)
 from triage.config import load
+from triage.inference.model import INPUT_NAME, onnx_session
+from triage.training import export, train
 
 
 def throughput(run: Callable[[np.ndarray], object], images: np.ndarray, batch: int,
@@ -50,7 +51,7 @@ def throughput(run: Callable[[np.ndarray], object], images: np.ndarray, batch: i
 def _ort_runner(sess: Any) -> Callable[[np.ndarray], object]:
     """Return a function that runs ``sess`` on one batch."""
     def run(x: np.ndarray) -> object:
-        return sess.run(None, {export.INPUT_NAME: x})
+        return sess.run(None, {INPUT_NAME: x})
 
     return run
 
@@ -83,7 +84,7 @@ def main() -> int:
 
     rates = {"torch eager (fp32, channels_last)": throughput(eager, images, args.batch)}
     for kind in ("fp32", "int8"):
-        sess = export.onnx_session(paths[kind], args.threads)
+        sess = onnx_session(paths[kind], args.threads)
         rates[f"onnxruntime {kind}"] = throughput(_ort_runner(sess), images, args.batch)
     base = rates["torch eager (fp32, channels_last)"]
     print(f"model {onnx_path.name} (shipped: {card['precision']}), input 1x{size}x{size}, "

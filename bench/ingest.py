@@ -27,7 +27,7 @@ sys.path.insert(0, str(REPO))
 import numpy as np  # noqa: E402
 from pydicom.uid import generate_uid  # noqa: E402
 
-from dicom_io import synth  # noqa: E402
+from tests import synth  # noqa: E402
 
 
 def free_port() -> int:

@@ -2,9 +2,11 @@
 
 The result is a float32 2-D array in [0, 1] in MONOCHROME2 sense (bright means
 dense), after the modality LUT (rescale slope and intercept, or a Modality LUT
-Sequence), the VOI transform (VOI LUT Sequence, else the first window, else a
-robust percentile window) and MONOCHROME1 inversion. Nothing here knows about
-models: :mod:`triage.preprocess` takes over from the returned array.
+Sequence), the VOI transform (VOI LUT Sequence, else the first window with its
+VOI LUT Function: LINEAR, LINEAR_EXACT or SIGMOID, else a robust percentile
+window) and MONOCHROME1 inversion. The LUTs and windows are pydicom's own
+functions; only the first frame of a multi-frame image is decoded. Nothing here
+knows about models: :mod:`triage.imaging` takes over from the returned array.
 """
 
 from __future__ import annotations
@@ -14,7 +16,7 @@ from typing import Any
 
 import numpy as np
 from pydicom.dataset import Dataset
-from pydicom.pixels import apply_modality_lut, apply_voi_lut
+from pydicom.pixels import apply_modality_lut, apply_voi_lut, apply_windowing
 
 log = logging.getLogger(__name__)
 
@@ -40,24 +42,12 @@ def raw_pixels(ds: Dataset) -> np.ndarray:
     if not any(k in ds for k in ("PixelData", "FloatPixelData", "DoubleFloatPixelData")):
         raise PixelDecodeError("no pixel data")
     try:
+        ds.pixel_array_options(index=0)  # decode the first frame only
         arr = ds.pixel_array
     except Exception as e:  # decoders raise many types; all mean "cannot decode"
         log.debug("pixel decode failed: %s: %s", type(e).__name__, e)
         raise PixelDecodeError(f"pixel data cannot be decoded ({type(e).__name__})") from e
-    if int(getattr(ds, "NumberOfFrames", 1) or 1) > 1 and arr.ndim >= 3:
-        arr = arr[0]
     return np.asarray(arr)
-
-
-def window_linear(x: np.ndarray, center: float, width: float) -> np.ndarray:
-    """Return ``x`` through the DICOM LINEAR window (PS3.3 C.11.2.1.2), scaled to [0, 1].
-
-    Raises ValueError when ``width`` < 1.
-    """
-    if width < 1:
-        raise ValueError(f"window width {width} < 1")
-    y = ((x - (center - 0.5)) / (width - 1)) + 0.5
-    return np.clip(y, 0.0, 1.0).astype(np.float32)
 
 
 def window_percentile(x: np.ndarray, lower: float = DEFAULT_PERCENTILES[0],
@@ -70,6 +60,22 @@ def window_percentile(x: np.ndarray, lower: float = DEFAULT_PERCENTILES[0],
     if not np.isfinite(lo) or not np.isfinite(hi) or hi <= lo:
         return np.zeros(x.shape, dtype=np.float32)
     return np.clip((x - lo) / (hi - lo), 0.0, 1.0).astype(np.float32)
+
+
+def _window(x: np.ndarray, ds: Dataset) -> np.ndarray:
+    """Apply the first window (pydicom's ``apply_windowing``) and scale its output to [0, 1].
+
+    pydicom maps into the stored range (after rescale); two probes far below
+    and above the window tell that range, whatever the VOI LUT Function.
+    Raises ValueError (or TypeError) for an unusable window.
+    """
+    out = apply_windowing(x, ds)
+    center, width = (_first(ds[k].value) for k in ("WindowCenter", "WindowWidth"))
+    span = 64 * max(abs(width), 1.0)
+    lo, hi = apply_windowing(np.array([center - span, center + span]), ds)
+    if not hi > lo:
+        raise ValueError("window maps to an empty range")
+    return np.clip((out - lo) / (hi - lo), 0.0, 1.0).astype(np.float32)
 
 
 def _first(value: Any) -> float:
@@ -91,9 +97,8 @@ def _voi(x: np.ndarray, ds: Dataset) -> np.ndarray:
         return np.clip(out / top, 0.0, 1.0) if top > 0 else window_percentile(out)
     if "WindowCenter" in ds and "WindowWidth" in ds:
         try:
-            center, width = _first(ds.WindowCenter), _first(ds.WindowWidth)
-            return window_linear(x, center, width)
-        except (ValueError, TypeError, IndexError) as e:
+            return _window(x, ds)
+        except (ValueError, TypeError, IndexError, KeyError) as e:
             log.debug("unusable window, falling back to percentiles: %s", e)
     return window_percentile(x)
 

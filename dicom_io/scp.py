@@ -33,11 +33,12 @@ from pydicom.uid import (
 )
 from pynetdicom import AE, evt
 
-from dicom_io import status
+from dicom_io import store_status as status
+from dicom_io.header import Header
 from dicom_io.ids import uid_hash
 from dicom_io.spool import Spool, SpoolEntry, SpoolError
-from dicom_io.status import Refusal
-from dicom_io.validate import InstanceHeader, check
+from dicom_io.store_status import Refusal
+from dicom_io.validate import check
 
 log = logging.getLogger(__name__)
 
@@ -65,7 +66,7 @@ TRANSFER_SYNTAXES: tuple[UID, ...] = (
 class ReceivedInstance:
     """An instance that is durable in the spool, ready to be recorded."""
 
-    header: InstanceHeader
+    header: Header
     transfer_syntax: str
     calling_ae: str
     entry: SpoolEntry
@@ -195,7 +196,7 @@ class StoreScp:
         return status.SUCCESS
 
     def _store(self, event: Any, calling: str, sop_class: str,
-               sop_uid: str) -> tuple[str, InstanceHeader]:
+               sop_uid: str) -> tuple[str, Header]:
         if not self.spool.has_room():
             raise Refusal(status.OUT_OF_RESOURCES,
                           f"free disk space below reserve ({self.spool.free_bytes() // 2**20} MiB free)")
@@ -203,7 +204,8 @@ class StoreScp:
         try:
             ds = event.dataset
             ds.file_meta = event.file_meta
-            header = check(ds, sop_class, sop_uid, compressed=ts not in UNCOMPRESSED)
+            header = check(ds, sop_class, sop_uid, compressed=ts not in UNCOMPRESSED,
+                           transfer_syntax=ts)
         except Refusal:
             raise
         except Exception as e:

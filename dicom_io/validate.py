@@ -2,39 +2,14 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-from typing import Any
+import dataclasses
 
 from pydicom.dataset import Dataset
 from pydicom.uid import UID
 
-from dicom_io import status
-from dicom_io.status import Refusal
-
-# Header values copied into the database for grouping and display.
-HEADER_KEYWORDS = (
-    "AccessionNumber", "PatientName", "PatientID", "PatientSex", "StudyDate",
-    "StudyTime", "StudyDescription", "Modality",
-)
-
-
-@dataclass(frozen=True)
-class InstanceHeader:
-    """The identifying header of one received instance."""
-
-    sop_class_uid: str
-    sop_instance_uid: str
-    study_uid: str
-    series_uid: str
-    fields: dict[str, str | None]
-
-
-def text_value(value: Any) -> str | None:
-    """Return a header value as stripped text, or None when empty."""
-    if value is None:
-        return None
-    s = str(value).strip()
-    return s or None
+from dicom_io import store_status as status
+from dicom_io.header import Header, read_header
+from dicom_io.store_status import Refusal
 
 
 def _uid(ds: Dataset, keyword: str) -> str:
@@ -56,7 +31,8 @@ def _native_pixel_bytes(ds: Dataset) -> int:
     return (total_bits + 7) // 8
 
 
-def check(ds: Dataset, sop_class_uid: str, sop_instance_uid: str, compressed: bool) -> InstanceHeader:
+def check(ds: Dataset, sop_class_uid: str, sop_instance_uid: str, compressed: bool,
+          transfer_syntax: str | None = None) -> Header:
     """Validate ``ds`` against the C-STORE request and return its header.
 
     Raises Refusal with BAD_UID for missing or malformed UIDs (or a SOP
@@ -72,8 +48,10 @@ def check(ds: Dataset, sop_class_uid: str, sop_instance_uid: str, compressed: bo
     if sop_class != str(sop_class_uid).strip():
         raise Refusal(status.DATASET_MISMATCH, "SOPClassUID differs from the request's Affected SOP Class UID")
     _check_image(ds, compressed)
-    fields = {k: text_value(ds.get(k)) for k in HEADER_KEYWORDS}
-    return InstanceHeader(sop_class, sop_uid, study_uid, series_uid, fields)
+    h = read_header(ds, transfer_syntax)
+    # The UIDs as validated (read_header trims, _uid also checks the syntax).
+    return dataclasses.replace(h, sop_class_uid=sop_class, sop_instance_uid=sop_uid,
+                               study_uid=study_uid, series_uid=series_uid)
 
 
 def _check_image(ds: Dataset, compressed: bool) -> None:

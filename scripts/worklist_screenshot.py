@@ -4,7 +4,7 @@ Usage: .venv/bin/python scripts/worklist_screenshot.py [OUT.png]
 
 The studies, their probabilities and the alert are made up for the picture (no
 patient data exists here); the page itself is rendered by the daemon's own
-code (triage.pages) into a temporary data directory and photographed in
+code (triage.web.pages) into a temporary data directory and photographed in
 Debian's headless Chromium.
 """
 
@@ -16,11 +16,12 @@ import tempfile
 import time
 from pathlib import Path
 
-from triage import db
 from triage.config import WorklistConfig
-from triage.db import Alert, Result, Study
-from triage.pages import ModelInfo, Pages
-from triage.store import Store
+from triage.store import schema as db
+from triage.store.database import open_db
+from triage.store.repository import Store
+from triage.store.schema import Alert, Result, Study
+from triage.web.pages import ModelInfo, Pages
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -74,7 +75,7 @@ def main(out: Path) -> None:
 
     root = Path(tempfile.mkdtemp(prefix="triage-shot-"))
     now = time.time()
-    store = Store(db.open_db(root / "triage.sqlite"), clock=lambda: now)
+    store = Store(open_db(root / "triage.sqlite"), clock=lambda: now)
     populate(store, now)
     model = ModelInfo("demo-model", "0" * 64, "", THRESHOLDS)
     pages = Pages(store, root / "www", model, WorklistConfig(refresh_s=0), clock=lambda: now)

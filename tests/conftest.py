@@ -19,7 +19,7 @@ from pynetdicom import AE
 from dicom_io.scp import STORAGE_SOP_CLASSES
 from triage import config as config_mod
 from triage.config import Config
-from triage.daemon import Daemon, build_daemon
+from triage.service.daemon import Daemon, build_daemon
 
 REPO = Path(__file__).resolve().parents[1]
 SHARED = Path(os.environ.get("TRIAGE_SHARED", REPO.parent / "shared"))
@@ -38,6 +38,22 @@ def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return int(s.getsockname()[1])
+
+
+def port_open(port: int, host: str = "127.0.0.1") -> bool:
+    """Return True when something accepts TCP connections on ``host:port``."""
+    with socket.socket() as s:
+        return s.connect_ex((host, port)) == 0
+
+
+def serve_config(path: Path, data: Path, dicom_port: int, extra: str = "") -> Path:
+    """Write a config for a ``triage serve`` subprocess: free ports, test model, fast study completion."""
+    path.write_text(f'[dicom]\nport = {dicom_port}\n[web]\nport = {free_port()}\n'
+                    f'[storage]\ndata_dir = "{data}"\nmin_free_mb = 0\n'
+                    '[studies]\nquiet_period_s = 0.3\nsweep_interval_s = 0.1\n'
+                    f'[model]\npath = "{model_for_tests()}"\n'
+                    '[worker]\nprocesses = 1\npoll_interval_s = 0.1\n' + extra)
+    return path
 
 
 def wait_for(pred: Callable[[], Any], timeout: float = 20.0, interval: float = 0.05) -> Any:

@@ -17,7 +17,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from dicom_io.synth import phantom
+from tests.synth import phantom
 
 SIZE = 64
 SHARED = Path(__file__).resolve().parents[1].parent / "shared"
@@ -75,8 +75,8 @@ class TinyModel:
 @functools.cache
 def tiny_model() -> TinyModel:
     """Train (2 short epochs), calibrate and export a 64 px, width 0.35 MobileNetV2 once."""
-    from triage import calibrate, export, train
     from triage.config import CalibrationConfig, PreprocessConfig, TrainConfig
+    from triage.training import calibrate, export, train
 
     root = Path(tempfile.mkdtemp(prefix="triage-tiny-"))
     atexit.register(shutil.rmtree, root, True)

@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 from triage import config
-from triage.errors import ConfigError
+from triage.core.errors import ConfigError
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -78,7 +78,7 @@ def test_override_replaces_fields_and_ignores_missing_flags() -> None:
 
 
 def _cli(*args: str, cwd: Path) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([sys.executable, "-m", "triage.cli", *args], capture_output=True,
+    return subprocess.run([sys.executable, "-m", "triage", *args], capture_output=True,
                           text=True, cwd=cwd, timeout=120)
 
 

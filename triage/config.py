@@ -18,11 +18,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TypeVar
 
-from triage.errors import ConfigError
+from triage import resources
+from triage.core.errors import ConfigError
 
 T = TypeVar("T")
 
-DEFAULT_CONFIG = Path(__file__).resolve().parent.parent / "config.toml"
+DEFAULT_CONFIG = resources.path("config")
 
 
 def _check(ok: bool, key: str, msg: str) -> None:
@@ -187,9 +188,14 @@ class ModelConfig:
 
     @property
     def onnx_path(self) -> Path:
-        """The ONNX file; a relative path is resolved against the project root."""
+        """The ONNX file; a relative path is resolved against triage's data root.
+
+        The data root is the project folder in a checkout, or the copy inside an
+        installed wheel (see :mod:`triage.resources`), so the shipped default
+        ``models/cxr-pneumonia-mnv2.onnx`` is found from any directory.
+        """
         p = Path(self.path).expanduser()
-        return p if p.is_absolute() else DEFAULT_CONFIG.parent / p
+        return p if p.is_absolute() else resources.data_root() / p
 
     @property
     def card_path(self) -> Path:
@@ -197,7 +203,7 @@ class ModelConfig:
         if not self.card:
             return self.onnx_path.with_suffix(".json")
         p = Path(self.card).expanduser()
-        return p if p.is_absolute() else DEFAULT_CONFIG.parent / p
+        return p if p.is_absolute() else resources.data_root() / p
 
 
 _EQUALIZATIONS = ("none", "histogram", "clahe")

@@ -5,7 +5,7 @@ from __future__ import annotations
 import csv
 from pathlib import Path
 
-from triage.errors import InputError
+from triage.core.errors import InputError
 
 
 def read_labelled_rows(csv_path: Path) -> list[dict[str, str]]:

@@ -1,0 +1,129 @@
+"""triage.preprocess: the one chain, its cache split, image and DICOM loaders, equalisation."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from monai.transforms import Randomizable
+from PIL import Image
+from pydicom.data import get_testdata_file
+
+from tests import synth
+from triage.config import PreprocessConfig
+from triage.core.errors import UnscorableError
+from triage.imaging.loading import load_any, load_dicom, load_image
+from triage.imaging.transforms import InputSpec, build_transforms, clahe, split_cached
+
+CFG = PreprocessConfig()
+
+
+@pytest.mark.parametrize("size", [32, 64])
+@pytest.mark.parametrize("equalization", ["none", "histogram", "clahe"])
+def test_chain_output_shape_and_type(size: int, equalization: str) -> None:
+    cfg = PreprocessConfig(equalization=equalization)
+    img = np.random.default_rng(0).random((300, 250)).astype(np.float32)
+    out = build_transforms(cfg, InputSpec(size))(img)
+    assert isinstance(out, torch.Tensor) and out.dtype == torch.float32
+    assert out.shape == (1, size, size)
+    assert torch.isfinite(out).all()
+
+
+def test_eval_chain_is_deterministic_and_train_chain_is_not() -> None:
+    img = synth.phantom(128, 128).astype(np.float32)
+    ev = build_transforms(CFG, InputSpec(48))
+    assert torch.equal(ev(img), ev(img))
+    tr = build_transforms(CFG, InputSpec(48), train=True)
+    tr.set_random_state(seed=0)
+    assert not torch.equal(tr(img), tr(img))
+
+
+def test_split_cached_puts_every_random_transform_after_the_cut() -> None:
+    prefix, rest = split_cached(build_transforms(CFG, InputSpec(48), train=True))
+    assert not any(isinstance(t, Randomizable) for t in prefix.transforms)
+    assert isinstance(rest.transforms[0], Randomizable)
+    img = synth.phantom(128, 128).astype(np.float32)
+    ev_prefix, ev_rest = split_cached(build_transforms(CFG, InputSpec(48)))
+    assert torch.equal(ev_rest(ev_prefix(img)), build_transforms(CFG, InputSpec(48))(img))
+
+
+def test_percentile_window_makes_intensity_scale_irrelevant() -> None:
+    img = synth.phantom(128, 128).astype(np.float32)
+    chain = build_transforms(CFG, InputSpec(32))
+    torch.testing.assert_close(chain(img), chain(img * 7 + 100), atol=1e-4, rtol=1e-4)
+
+
+def test_png_and_dicom_of_the_same_image_agree(tmp_path: Path) -> None:
+    arr8 = (synth.phantom(200, 200, bits_stored=8)).astype(np.uint8)
+    Image.fromarray(arr8).convert("RGB").save(tmp_path / "a.png")
+    ds = synth.make_dataset(synth.SynthSpec(rows=200, columns=200, bits_stored=8), pixels=arr8)
+    chain = build_transforms(CFG, InputSpec(64))
+    a = chain(load_image(tmp_path / "a.png"))
+    b = chain(load_dicom(ds))
+    torch.testing.assert_close(a, b, atol=1e-3, rtol=0)
+
+
+def test_monochrome1_dicom_matches_monochrome2_through_the_chain() -> None:
+    chain = build_transforms(CFG, InputSpec(64))
+    m1 = chain(load_dicom(synth.make_dataset(synth.SynthSpec(photometric="MONOCHROME1"))))
+    m2 = chain(load_dicom(synth.make_dataset(synth.SynthSpec(photometric="MONOCHROME2"))))
+    torch.testing.assert_close(m1, m2, atol=1e-2, rtol=0)
+
+
+def test_clahe_stretches_a_low_contrast_image() -> None:
+    rng = np.random.default_rng(0)
+    img = (0.45 + 0.1 * rng.random((64, 64))).astype(np.float32)
+    out = clahe(img, tiles=4, clip_limit=0.05)
+    assert out.shape == img.shape and 0 <= out.min() and out.max() <= 1
+    assert out.std() > 2 * img.std()
+    # A constant image stays constant (no spurious texture).
+    flat = clahe(np.full((32, 32), 0.5, dtype=np.float32), tiles=4)
+    assert flat.max() - flat.min() < 1e-6
+
+
+def test_colour_png_is_rejected(tmp_path: Path) -> None:
+    rgb = np.zeros((200, 200, 3), dtype=np.uint8)
+    rgb[..., 0] = 200
+    Image.fromarray(rgb).save(tmp_path / "c.png")
+    with pytest.raises(UnscorableError, match="colour image"):
+        load_image(tmp_path / "c.png")
+
+
+def test_undecodable_image_file(tmp_path: Path) -> None:
+    (tmp_path / "x.jpg").write_bytes(b"not a jpeg")
+    with pytest.raises(UnscorableError, match="cannot be decoded"):
+        load_image(tmp_path / "x.jpg")
+
+
+def test_load_any_dicom_reasons(tmp_path: Path) -> None:
+    with pytest.raises(UnscorableError, match="modality CT"):
+        load_any(get_testdata_file("CT_small.dcm"))
+    lateral = synth.write(synth.make_dataset(synth.SynthSpec(view_position="LL")), tmp_path / "l.dcm")
+    with pytest.raises(UnscorableError, match="lateral"):
+        load_any(lateral)
+    (tmp_path / "junk.dcm").write_bytes(b"\x00" * 10)
+    with pytest.raises(UnscorableError):
+        load_any(tmp_path / "junk.dcm")
+    ok = synth.write(synth.make_dataset(synth.SynthSpec()), tmp_path / "ok.dcm")
+    assert load_any(ok).shape == (256, 256)
+
+
+def test_box_reduce_keeps_small_images_and_matches_the_full_resize_on_large_ones() -> None:
+    import numpy as np
+    from monai.transforms import Resize
+
+    from tests.synth import phantom
+    from triage.imaging.transforms import box_reduce
+
+    small = np.random.default_rng(0).random((1, 224, 224), dtype=np.float32)
+    assert box_reduce(small, 144) is small or np.array_equal(box_reduce(small, 144), small)
+    big = phantom(2000, 1800, bits_stored=12, seed=3).astype(np.float32)[None] / 4095
+    reduced = box_reduce(big, 144)
+    assert reduced.shape == (1, 334, 300)  # factor 1800 // 288 = 6, edges padded
+    resize = Resize((144, 144), mode="bilinear", anti_aliasing=True)
+    direct = np.asarray(resize(big))[0]
+    via = np.asarray(resize(reduced))[0]
+    assert np.corrcoef(direct.ravel(), via.ravel())[0, 1] > 0.999
+    assert np.abs(direct - via).mean() < 0.01

@@ -1,0 +1,45 @@
+"""The decoder pool: results in order, and a process that dies costs only its own job."""
+
+from __future__ import annotations
+
+import os
+
+from triage.inference.decoders import CRASHED, DecoderPool
+
+_STATE: dict[str, int] = {}
+
+
+def _init(offset: int) -> None:
+    _STATE["offset"] = offset
+
+
+def _job(key: int, value: int) -> tuple[int, int, int]:
+    if value < 0:
+        os._exit(3)  # what a native decoder's abort looks like from outside
+    return key, value + _STATE["offset"], os.getpid()
+
+
+def _crashed(key: int, value: int, reason: str) -> tuple[int, str]:
+    return key, reason
+
+
+def test_results_come_back_in_order_from_initialised_processes() -> None:
+    with DecoderPool(2, _job, _crashed, _init, (100,)) as pool:
+        out = pool.map([(k, k * 10) for k in range(8)])
+    assert [(k, v) for k, v, _ in out] == [(k, k * 10 + 100) for k in range(8)]
+    assert os.getpid() not in {pid for _, _, pid in out}
+
+
+def test_a_crash_costs_only_the_job_that_crashed() -> None:
+    jobs = [(0, 1), (1, -1), (2, 3), (3, -5), (4, 5)]
+    with DecoderPool(2, _job, _crashed, _init, (0,)) as pool:
+        out = pool.map(jobs)
+        again = pool.map([(9, 9)])  # the pool is usable afterwards
+    assert out[1] == (1, CRASHED) and out[3] == (3, CRASHED)
+    assert [o[:2] for i, o in enumerate(out) if i in (0, 2, 4)] == [(0, 1), (2, 3), (4, 5)]
+    assert again[0][:2] == (9, 9)
+
+
+def test_empty_map_starts_nothing() -> None:
+    pool = DecoderPool(1, _job, _crashed)
+    assert pool.map([]) == [] and pool._pool is None

@@ -1,0 +1,7 @@
+"""``python -m triage``: the command line."""
+
+import sys
+
+from triage.cli import main
+
+sys.exit(main())

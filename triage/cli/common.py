@@ -1,0 +1,52 @@
+"""What every subcommand shares: the config flags, loading the config, logging set-up."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+from typing import Any
+
+SubParsers = Any  # argparse's _SubParsersAction, which it does not export
+
+
+def config_args(p: argparse.ArgumentParser) -> None:
+    """Add ``--config`` and ``--data-dir`` to a subcommand."""
+    p.add_argument("--config", metavar="PATH", help="config file (default: the shipped config.toml)")
+    p.add_argument("--data-dir", metavar="DIR", help="override storage.data_dir")
+
+
+def load_config(args: argparse.Namespace, **extra: Any) -> Any:
+    """Load the config named by ``--config`` and apply the common CLI overrides.
+
+    Returns the frozen Config. Raises ConfigError.
+    """
+    from triage import config
+
+    cfg = config.load(args.config)
+    return config.override(cfg, **{"storage.data_dir": getattr(args, "data_dir", None)}, **extra)
+
+
+def setup_logging(level: str = "INFO") -> None:
+    """Configure the root logger (only the CLI does this) and quieten chatty libraries."""
+    logging.basicConfig(
+        level=getattr(logging, level.upper(), logging.INFO),
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+    )
+    # pynetdicom narrates every message at INFO; our own handlers log what matters.
+    logging.getLogger("pynetdicom").setLevel(logging.WARNING)
+    # Alembic narrates its plugins and context; triage logs the migration itself.
+    logging.getLogger("alembic").setLevel(logging.WARNING)
+    # APScheduler narrates each job it adds, and warns when a busy sweep skips a
+    # turn (the next turn does the work); a job that fails is still logged.
+    logging.getLogger("apscheduler").setLevel(logging.WARNING)
+    logging.getLogger("apscheduler.scheduler").setLevel(logging.ERROR)
+
+
+def quiet_decoders() -> None:
+    """Silence pydicom's per-plugin tracebacks: a failed decode is reported once, as a reason."""
+    import warnings
+
+    import pydicom  # noqa: F401  (its import resets the "pydicom" logger level)
+
+    logging.getLogger("pydicom").setLevel(logging.CRITICAL)
+    warnings.filterwarnings("ignore", module="pydicom")

@@ -1,0 +1,150 @@
+"""Subcommands of the model pipeline: train, calibrate, export.
+
+Heavy imports (torch, onnxruntime, monai) happen inside the handlers so
+``triage --help`` stays fast.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import logging
+from typing import Any
+
+from triage.cli.common import SubParsers, config_args, load_config, setup_logging
+
+log = logging.getLogger(__name__)
+
+
+def _data_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--data", metavar="DIR",
+                   help="data root the CSV's paths are relative to (default: the CSV's folder)")
+    p.add_argument("--manifest", metavar="CSV", required=True,
+                   help="path,label[,split] CSV: an image manifest or a DICOM archive's labels")
+
+
+def _train_cfg(cfg: Any, args: argparse.Namespace) -> Any:
+    """Return cfg.train with the CLI flags that were given applied."""
+    changes = {k: v for k, v in {
+        "input_size": args.size, "epochs": args.epochs, "batch_size": args.batch_size,
+        "lr": args.lr, "seed": args.seed, "width_mult": args.width_mult,
+        "threads": args.threads}.items() if v is not None}
+    return dataclasses.replace(cfg.train, **changes)
+
+
+def _train(args: argparse.Namespace) -> int:
+    from triage.training import train
+
+    cfg = load_config(args)
+    setup_logging(cfg.logging.level)
+    tcfg = _train_cfg(cfg, args)
+    samples = train.read_manifest(args.manifest, args.data)
+    result = train.train(samples, args.out, tcfg, cfg.preprocess, init=args.init,
+                         manifest_sha256=train.file_sha256(args.manifest),
+                         max_steps=args.max_steps)
+    log.info("best epoch %d -> %s", result.best_epoch, result.best_checkpoint)
+    return 0
+
+
+def _add_train(sub: SubParsers) -> None:
+    p = sub.add_parser("train", help="train MobileNetV2 on labelled radiographs (writes checkpoints)",
+                       description="Train from scratch, or fine-tune with --init, early-stopping "
+                                   "on the val split. Defaults come from [train] in the config.")
+    config_args(p)
+    _data_args(p)
+    p.add_argument("--out", metavar="DIR", required=True, help="run folder for checkpoints and logs")
+    p.add_argument("--init", metavar="CKPT", help="initialise from a local checkpoint (fine-tuning)")
+    p.add_argument("--size", type=int, metavar="PX", help="override train.input_size")
+    p.add_argument("--epochs", type=int, metavar="N", help="override train.epochs")
+    p.add_argument("--batch-size", type=int, metavar="N", help="override train.batch_size")
+    p.add_argument("--lr", type=float, metavar="X", help="override train.lr")
+    p.add_argument("--seed", type=int, metavar="N", help="override train.seed")
+    p.add_argument("--width-mult", type=float, metavar="X", help="override train.width_mult")
+    p.add_argument("--threads", type=int, metavar="N", help="override train.threads")
+    p.add_argument("--max-steps", type=int, metavar="N", help="cap optimiser steps per epoch")
+    p.set_defaults(func=_train)
+
+
+
+def _calibrate(args: argparse.Namespace) -> int:
+    from triage.training import calibrate, train
+
+    cfg = load_config(args)
+    setup_logging(cfg.logging.level)
+    ccfg = cfg.calibration
+    if args.conservative:
+        ccfg = dataclasses.replace(ccfg, conservative=True)
+    out = args.out or str(_run_dir(args.checkpoint) / "calibration.json")
+    png = args.png or str(_run_dir(args.checkpoint) / "reliability.png")
+    cal = calibrate.run(args.checkpoint, train.read_manifest(args.manifest, args.data),
+                        args.split, ccfg, out, png)
+    log.info("temperature %.3f; %s AUC %.4f; ECE %.4f -> %.4f", cal.temperature, args.split,
+             cal.auc, cal.ece_before, cal.ece)
+    for p in cal.points:
+        log.info("%s: threshold %s sensitivity %.3f [%.3f, %.3f] specificity %.3f [%.3f, %.3f]",
+                 p.name, p.threshold, p.sensitivity.value, p.sensitivity.lower,
+                 p.sensitivity.upper, p.specificity.value, p.specificity.lower,
+                 p.specificity.upper)
+    log.info("wrote %s and %s", out, png)
+    return 0
+
+
+def _run_dir(checkpoint: str) -> Any:
+    from pathlib import Path
+
+    return Path(checkpoint).resolve().parent
+
+
+def _add_calibrate(sub: SubParsers) -> None:
+    p = sub.add_parser("calibrate", help="temperature scaling and operating points on a split",
+                       description="Fit the temperature, place the operating points from "
+                                   "[calibration], report sensitivity/specificity with "
+                                   "Clopper-Pearson intervals, ECE and a reliability diagram.")
+    config_args(p)
+    _data_args(p)
+    p.add_argument("--checkpoint", metavar="PT", required=True, help="checkpoint from `triage train`")
+    p.add_argument("--split", default="val", help="calibration split (default: val)")
+    p.add_argument("--conservative", action="store_true",
+                   help="thresholds whose interval lower bound meets each target")
+    p.add_argument("--out", metavar="JSON", help="report (default: calibration.json beside the checkpoint)")
+    p.add_argument("--png", metavar="PNG", help="reliability diagram (default: reliability.png beside it)")
+    p.set_defaults(func=_calibrate)
+
+
+def _export(args: argparse.Namespace) -> int:
+    from triage.training import export, train
+
+    cfg = load_config(args)
+    setup_logging(cfg.logging.level)
+    work = args.work or str(_run_dir(args.checkpoint) / "export")
+    card = export.run(args.checkpoint, args.calibration, train.read_manifest(args.manifest, args.data),
+                      args.out, args.name, cfg.calibration, work, n_calib=args.calib_images,
+                      int8=not args.no_int8, threads=cfg.model.threads)
+    log.info("shipped %s (%s): val AUC %.4f, ECE %.4f", card["file"], card["precision"],
+             card["validation"]["auc"], card["ece"])
+    return 0
+
+
+def _add_export(sub: SubParsers) -> None:
+    p = sub.add_parser("export", help="export ONNX (fp32 and int8) and write the model card",
+                       description="Export the checkpoint with its calibration baked in, quantise "
+                                   "to static int8 on training images, evaluate both on val and "
+                                   "ship int8 unless it costs more than 0.005 AUC.")
+    config_args(p)
+    _data_args(p)
+    p.add_argument("--checkpoint", metavar="PT", required=True)
+    p.add_argument("--calibration", metavar="JSON", required=True, help="from `triage calibrate`")
+    p.add_argument("--out", metavar="DIR", default="models", help="where the shipped model goes")
+    p.add_argument("--name", default="cxr-pneumonia-mnv2", help="file stem of the model and card")
+    p.add_argument("--work", metavar="DIR", help="both variants (default: export/ beside the checkpoint)")
+    p.add_argument("--calib-images", type=int, default=256, metavar="N",
+                   help="training images for int8 calibration")
+    p.add_argument("--no-int8", action="store_true", help="export fp32 only")
+    p.set_defaults(func=_export)
+
+
+def add(sub: SubParsers) -> None:
+    """Add ``train``, ``calibrate`` and ``export``."""
+    _add_train(sub)
+    _add_calibrate(sub)
+    _add_export(sub)

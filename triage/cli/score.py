@@ -1,0 +1,100 @@
+"""``triage score``: score files with the shipped model, in this process, as the daemon would.
+
+Each file goes through the daemon's own steps: :func:`triage.imaging.prepare.prepare`
+(gating, decoding, the card's MONAI chain), :func:`triage.inference.scoring.infer`
+and :func:`triage.core.tiers.priority`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from triage.cli.common import SubParsers, config_args, load_config, quiet_decoders, setup_logging
+
+
+@dataclass(frozen=True)
+class FileScore:
+    """The outcome for one input file (one line of ``triage score --json``)."""
+
+    path: str
+    probability: float | None
+    tier: str
+    reason: str | None
+
+    def to_dict(self) -> dict[str, Any]:
+        """Return the JSON-ready form with keys path, probability, tier, reason."""
+        return {"path": self.path, "probability": self.probability, "tier": self.tier,
+                "reason": self.reason}
+
+
+def iter_inputs(paths: Iterable[str | Path]) -> Iterator[Path]:
+    """Yield files named directly, and every file under named directories, in sorted order."""
+    for p in map(Path, paths):
+        if p.is_dir():
+            yield from sorted(f for f in p.rglob("*") if f.is_file() and not f.name.startswith("."))
+        else:
+            yield p
+
+
+def score_file(path: str | Path, model: Any, batch_size: int = 1) -> FileScore:
+    """Score one file; every expected failure becomes an "unscored" :class:`FileScore`.
+
+    Call :func:`triage.imaging.prepare.init` with the model's card first. Raises
+    nothing for unreadable, gated or undecodable inputs.
+    """
+    from triage.core.tiers import UNSCORED, priority
+    from triage.imaging.prepare import prepare
+    from triage.inference.scoring import infer
+
+    prepared = prepare(0, str(path))
+    if prepared.x is None:
+        return FileScore(str(path), None, UNSCORED, prepared.reason)
+    p = infer(model, [prepared], batch_size)[0].probability
+    return FileScore(str(path), p, priority(p, model.thresholds), None)
+
+
+def _score(args: argparse.Namespace) -> int:
+    from triage.imaging.prepare import init
+    from triage.inference.model import OnnxModel
+
+    cfg = load_config(args)
+    setup_logging(cfg.logging.level)
+    quiet_decoders()
+    model = OnnxModel.load_files(args.model or cfg.model.onnx_path,
+                                 args.card or (None if args.model else cfg.model.card_path),
+                                 cfg.model.threads)
+    init(model.card)
+    missing = 0
+    for path in iter_inputs(args.paths):
+        if not path.exists():
+            missing += 1
+            print(f"triage score: {path}: no such file or directory", file=sys.stderr)
+            continue
+        r = score_file(path, model)
+        if args.json:
+            print(json.dumps(r.to_dict()), flush=True)
+        elif r.probability is None:
+            print(f"{r.path}\tunscored: {r.reason}", flush=True)
+        else:
+            print(f"{r.path}\t{r.probability:.4f}\t{r.tier}", flush=True)
+    return 1 if missing else 0
+
+
+def add(sub: SubParsers) -> None:
+    """Add ``score``."""
+    p = sub.add_parser("score", help="score DICOM or image files with the shipped model",
+                       description="Score files (directories are walked). Exit status 0 when every "
+                                   "input was processed, even if some were unscored.")
+    config_args(p)
+    p.add_argument("paths", nargs="+", metavar="PATH", help="DICOM/PNG/JPEG files or directories")
+    p.add_argument("--json", action="store_true",
+                   help="one JSON object per input: path, probability, tier, reason")
+    p.add_argument("--model", metavar="ONNX", help="model file (default: model.path)")
+    p.add_argument("--card", metavar="JSON", help="model card (default: the model's .json)")
+    p.set_defaults(func=_score)

@@ -1,0 +1,93 @@
+"""One image from file to network input: what a decoder process does for each image.
+
+:func:`init` builds the model card's MONAI chain once per process;
+:func:`prepare` then gates, decodes and preprocesses one file and returns a
+:class:`Prepared` with the network input, a small display copy for the
+overlay and the image's metadata, or the reason it cannot be scored. It never
+raises for a bad file.
+
+This module imports no torch at its top, so the serving process can unpickle
+a :class:`Prepared` and build a metadata-only one (:func:`unreadable`) without
+loading MONAI; the chain is imported inside :func:`init`, which runs in the
+decoder processes (and in ``triage score``).
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from dicom_io.header import read_file_header
+from triage.core.errors import UnscorableError
+
+DISPLAY_PX = 512
+_STATE: dict[str, Any] = {}
+
+
+@dataclass
+class Prepared:
+    """What preparing one image produced."""
+
+    key: int
+    meta: dict[str, Any] = field(default_factory=dict)
+    x: np.ndarray | None = None  # the network input (C, S, S) float32
+    display: np.ndarray | None = None  # uint8 grey, at most DISPLAY_PX on a side
+    reason: str | None = None
+    seconds: float = 0.0
+
+
+def init(card: dict[str, Any]) -> None:
+    """Build the preprocessing chain recorded in ``card`` for this process."""
+    from triage.imaging.transforms import InputSpec, build_transforms, preprocess_of
+
+    _STATE["pre"] = preprocess_of(card)
+    _STATE["chain"] = build_transforms(_STATE["pre"], InputSpec.from_dict(card["input"]),
+                                       train=False)
+
+
+def metadata(path: str | Path, transfer_syntax: str | None = None) -> dict[str, Any]:
+    """Return the drift-watch metadata of a file (empty values if it is not readable DICOM)."""
+    h = read_file_header(path, transfer_syntax)
+    return h.metadata() if h is not None else {"transfer_syntax": transfer_syntax}
+
+
+def unreadable(key: int, path: str, transfer_syntax: str | None, reason: str) -> Prepared:
+    """Return the outcome of an image whose decoding failed outside :func:`prepare` (a crash)."""
+    return Prepared(key, meta=metadata(path, transfer_syntax), reason=reason)
+
+
+def display_copy(grey: np.ndarray, size: int = DISPLAY_PX) -> np.ndarray:
+    """Return a uint8 copy of a [0, 1] grey image, at most ``size`` pixels on a side."""
+    from PIL import Image
+
+    im = Image.fromarray((np.clip(grey, 0, 1) * 255).astype(np.uint8))
+    im.thumbnail((size, size))
+    return np.asarray(im, dtype=np.uint8)
+
+
+def prepare(key: int, path: str, transfer_syntax: str | None = None) -> Prepared:
+    """Gate, decode and preprocess one file (after :func:`init`). Raises nothing."""
+    from triage.imaging.loading import load_any
+
+    t0 = time.perf_counter()
+    out = Prepared(key, meta=metadata(path, transfer_syntax) if not _is_image(path) else {})
+    try:
+        grey = load_any(path, _STATE["pre"])
+        out.x = np.asarray(_STATE["chain"](grey), dtype=np.float32)
+        out.display = display_copy(grey)
+    except UnscorableError as e:
+        out.reason = e.reason
+    except Exception as e:  # a bad file must never stop the worker
+        out.reason = f"unexpected error while decoding: {type(e).__name__}"
+    out.seconds = time.perf_counter() - t0
+    return out
+
+
+def _is_image(path: str | Path) -> bool:
+    from triage.imaging.loading import is_image_file
+
+    return is_image_file(path)

@@ -1,0 +1,110 @@
+"""The model: an onnxruntime session plus its card, behind a small protocol.
+
+The exported graph takes ``image`` (N, C, S, S) float32, already through the
+card's preprocessing chain, and returns ``probability`` (calibrated), ``logit``
+and ``cam`` (the Grad-CAM map at the last feature map). Anything with
+``thresholds``, ``card`` and ``predict`` is a :class:`Model`, so a test can
+hand in a fixed scorer. Only onnxruntime and numpy are needed here.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any, Protocol
+
+import numpy as np
+
+from triage.core.errors import InputError
+
+INPUT_NAME = "image"
+OUTPUT_NAMES = ("probability", "logit", "cam")
+
+
+class Model(Protocol):
+    """What scoring needs from a model."""
+
+    @property
+    def card(self) -> Mapping[str, Any]:
+        """The model card (JSON): input spec, preprocessing, operating points, reference."""
+        ...
+
+    @property
+    def thresholds(self) -> Mapping[str, float | None]:
+        """Operating-point name -> probability threshold (None: never reached)."""
+        ...
+
+    def predict(self, batch: np.ndarray) -> tuple[np.ndarray, np.ndarray | None]:
+        """Return (probabilities (N,), class-activation maps (N, h, w) or None)."""
+        ...
+
+
+def onnx_session(path: str | Path, threads: int = 2) -> Any:
+    """Return an onnxruntime CPU InferenceSession limited to ``threads`` threads."""
+    import onnxruntime as ort
+
+    opts = ort.SessionOptions()
+    opts.intra_op_num_threads = threads
+    opts.inter_op_num_threads = 1
+    return ort.InferenceSession(str(path), sess_options=opts, providers=["CPUExecutionProvider"])
+
+
+def run_session(sess: Any, images: np.ndarray, batch: int = 64,
+                outputs: tuple[str, ...] = OUTPUT_NAMES) -> dict[str, np.ndarray]:
+    """Return the named outputs of ``sess`` over ``images``, concatenated along the batch."""
+    parts: dict[str, list[np.ndarray]] = {n: [] for n in outputs}
+    for i in range(0, len(images), batch):
+        outs = sess.run(list(outputs), {INPUT_NAME: images[i:i + batch].astype(np.float32)})
+        for n, o in zip(outputs, outs, strict=True):
+            parts[n].append(o)
+    return {n: np.concatenate(v) for n, v in parts.items()}
+
+
+def card_thresholds(card: Mapping[str, Any]) -> dict[str, float | None]:
+    """Return the card's operating points as {name: threshold}."""
+    return {op["name"]: op["threshold"] for op in card.get("operating_points", [])}
+
+
+class OnnxModel:
+    """The shipped model: an onnxruntime session and its card."""
+
+    def __init__(self, onnx_path: str | Path, card: dict[str, Any], threads: int = 2) -> None:
+        self.path = Path(onnx_path)
+        self.card = card
+        if "input" not in card or "size" not in card["input"]:
+            raise KeyError("input")
+        self.thresholds: dict[str, float | None] = card_thresholds(card)
+        self.session = onnx_session(self.path, threads)
+
+    @property
+    def name(self) -> str:
+        """The model's name (the card's, else the file's stem)."""
+        return str(self.card.get("name", self.path.stem))
+
+    @property
+    def sha256(self) -> str:
+        """The sha256 the card records for the model file."""
+        return str(self.card.get("sha256", ""))
+
+    @classmethod
+    def load_files(cls, onnx_path: str | Path, card_path: str | Path | None = None,
+                   threads: int = 2) -> OnnxModel:
+        """Return the model at ``onnx_path`` with its card (default: same name, ``.json``).
+
+        Raises InputError when either file is missing or invalid.
+        """
+        onnx_path = Path(onnx_path)
+        card_path = Path(card_path) if card_path else onnx_path.with_suffix(".json")
+        try:
+            card = json.loads(card_path.read_text())
+            return cls(onnx_path, card, threads)
+        except (OSError, ValueError, KeyError) as e:
+            raise InputError(f"cannot load model {onnx_path} with card {card_path}: {e}") from e
+        except Exception as e:  # onnxruntime raises its own types for a bad graph
+            raise InputError(f"cannot load model {onnx_path}: {type(e).__name__}: {e}") from e
+
+    def predict(self, batch: np.ndarray) -> tuple[np.ndarray, np.ndarray | None]:
+        """Return (probabilities, CAMs) for a prepared batch."""
+        prob, _, cam = self.session.run(list(OUTPUT_NAMES), {INPUT_NAME: batch.astype(np.float32)})
+        return prob, cam

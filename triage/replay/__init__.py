@@ -1,0 +1,1 @@
+"""``triage replay``: retrospective validation on a labelled DICOM archive, and the archive builder."""

@@ -1,0 +1,183 @@
+"""Wiring: :func:`build_daemon` assembles the daemon; :func:`serve` runs it until SIGTERM.
+
+Tests start the same wired daemon non-blocking on free ports and stop it
+cleanly, so what is tested is what runs.
+"""
+
+from __future__ import annotations
+
+import logging
+import signal
+import threading
+from dataclasses import dataclass, field
+from typing import Any
+
+from dicom_io.scp import ScpSettings, StoreScp
+from dicom_io.spool import Spool
+from triage.config import Config
+from triage.core.errors import TriageError
+from triage.inference.model import OnnxModel
+from triage.service.jobs import Jobs
+from triage.service.worker import ScoringWorker
+from triage.store.database import open_db
+from triage.store.repository import Store
+from triage.web.app import build_app
+from triage.web.pages import ModelInfo, Pages
+from triage.web.security import check_exposure
+from triage.web.server import WebServer
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class Daemon:
+    """The wired daemon. ``start()`` returns at once; ``stop()`` shuts down cleanly."""
+
+    cfg: Config
+    store: Store
+    spool: Spool
+    scp: StoreScp
+    worker: ScoringWorker
+    pages: Pages
+    web: WebServer
+    jobs: Jobs = field(default_factory=Jobs)
+
+    @property
+    def dicom_port(self) -> int:
+        """The bound DICOM port."""
+        return self.scp.port
+
+    @property
+    def web_port(self) -> int:
+        """The bound web port (the worklist is at http://web.host:web_port/)."""
+        return self.web.port
+
+    def start(self) -> None:
+        """Recover the spool and render the worklist; start the web server, the listener, the
+        scheduled jobs and the worker. Raises TriageError or OSError when an address is in use."""
+        self.spool.cleanup_temp()
+        self.store.reconcile(self.spool)
+        self.pages.render_worklist()
+        self.web.start()
+        try:
+            self.scp.start()
+        except BaseException:
+            self.web.stop()
+            raise
+        self.worker.on_result = lambda _rid: self.jobs.soon(
+            "render-after-result", self.pages.render_worklist, self.cfg.worklist.render_debounce_s)
+        self.jobs.start(self._intervals())  # before the worker, so no result misses its render
+        self.worker.start()
+
+    def _intervals(self) -> dict[str, tuple[float, Any]]:
+        quiet, wl = self.cfg.studies.quiet_period_s, self.cfg.worklist
+        jobs: dict[str, tuple[float, Any]] = {
+            "complete-studies": (self.cfg.studies.sweep_interval_s,
+                                 lambda: self.store.complete_quiet_studies(quiet)),
+            "render-worklist": (wl.render_interval_s, self.pages.render_worklist),
+            "drift-watch": (self.cfg.drift.interval_s, self.check_drift),
+        }
+        if wl.retention_days > 0:
+            jobs["purge-reported"] = (wl.purge_interval_s, self.purge)
+        return jobs
+
+    def check_drift(self) -> Any:
+        """Run the drift watch now; returns its verdict. An alert shows on the next render."""
+        from triage.service.drift_watch import check_drift
+
+        return check_drift(self.store, self.worker.model.card, self.cfg.drift)
+
+    def purge(self) -> Any:
+        """Purge studies reported more than ``worklist.retention_days`` ago; returns what went.
+
+        Does nothing when retention is off (0 days).
+        """
+        from triage.store.retention import Purged, purge_reported
+
+        days = self.cfg.worklist.retention_days
+        if days <= 0:
+            return Purged()
+        return purge_reported(self.store, self.spool.root, self.cfg.storage.root,
+                              days * 86400.0, self.store.clock())
+
+    def stop(self, drain_timeout_s: float = 30.0) -> None:
+        """Stop accepting associations and requests, finish those in flight, stop the jobs."""
+        self.scp.stop(drain_timeout_s)
+        self.web.stop()
+        self.worker.stop()
+        self.jobs.stop()
+        self.store.engine.dispose()
+
+
+def scp_settings(cfg: Config) -> ScpSettings:
+    """Translate the config's DICOM section into listener settings."""
+    d = cfg.dicom
+    return ScpSettings(
+        host=d.host, port=d.port, ae_title=d.ae_title,
+        allowed_calling_aes=d.allowed_calling_aes, accept_any_calling_ae=d.accept_any_calling_ae,
+        max_associations=d.max_associations, max_pdu=d.max_pdu,
+        network_timeout_s=d.network_timeout_s, dimse_timeout_s=d.dimse_timeout_s,
+        acse_timeout_s=d.acse_timeout_s,
+    )
+
+
+def build_daemon(cfg: Config) -> Daemon:
+    """Open and migrate the database, open the spool and wire the listener.
+
+    Returns a Daemon that is not yet started. Raises TriageError when the data
+    directory cannot be used.
+    """
+    check_exposure(cfg.web)
+    st = cfg.storage
+    try:
+        st.root.mkdir(parents=True, exist_ok=True)
+        spool = Spool(st.spool_dir, fsync=st.fsync, min_free_bytes=st.min_free_mb * 2**20)
+    except OSError as e:
+        raise TriageError(f"data directory {st.root} is not usable: {e.strerror or e}") from e
+    store = Store(open_db(st.db_path))
+    model = load_model(cfg)
+    worker = ScoringWorker(cfg, store, model, st.root)
+    pages = Pages(store, st.root / "www", model_info(worker), cfg.worklist)
+    app = build_app(pages, st.root, cfg.web)
+    return Daemon(cfg, store, spool, StoreScp(scp_settings(cfg), spool, store), worker, pages,
+                  WebServer(cfg.web, app))
+
+
+def model_info(worker: ScoringWorker) -> ModelInfo:
+    """Return what the pages show of the worker's model (thresholds with overrides applied)."""
+    card = worker.model.card
+    return ModelInfo(worker.model_name, worker.model_sha, str(card.get("created", "")),
+                     dict(worker.thresholds))
+
+
+def load_model(cfg: Config) -> OnnxModel:
+    """Load the configured ONNX model and its card. Raises TriageError when unusable."""
+    m = cfg.model
+    if not m.onnx_path.exists():
+        raise TriageError(f"model file {m.onnx_path} not found (config key model.path)")
+    return OnnxModel.load_files(m.onnx_path, m.card_path, threads=m.threads)
+
+
+def serve(cfg: Config) -> int:
+    """Run the daemon until SIGTERM or SIGINT; return the exit status."""
+    daemon = build_daemon(cfg)
+    stop = threading.Event()
+
+    def _on_signal(signum: int, _frame: Any) -> None:
+        log.info("received %s: finishing associations in flight, then exiting",
+                 signal.Signals(signum).name)
+        stop.set()
+
+    signal.signal(signal.SIGTERM, _on_signal)
+    signal.signal(signal.SIGINT, _on_signal)
+    try:
+        daemon.start()
+    except OSError as e:
+        raise TriageError(f"cannot listen on {cfg.dicom.host}:{cfg.dicom.port}: "
+                          f"{e.strerror or e}") from e
+    log.info("triage is running; data in %s; worklist at http://%s:%d/", cfg.storage.root,
+             cfg.web.host, daemon.web_port)
+    stop.wait()
+    daemon.stop()
+    log.info("triage stopped cleanly")
+    return 0

@@ -1,0 +1,76 @@
+"""``triage status``: what the daemon has, at a glance, read straight from the database."""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+from typing import Any
+
+from sqlalchemy import func, select
+
+from triage.config import Config
+from triage.core.errors import TriageError
+from triage.store import schema as db
+from triage.store.database import current_revision, make_engine
+from triage.store.repository import Store
+from triage.store.schema import DriftCheck, Rejection, Result
+
+
+def gather(cfg: Config) -> dict[str, Any]:
+    """Return the status as a JSON-ready dict. Raises TriageError when there is no database."""
+    path = cfg.storage.db_path
+    if not path.exists():
+        raise TriageError(f"no database at {path}: has `triage serve` run with this data directory?")
+    engine = make_engine(path)
+    try:
+        store = Store(engine)
+        counts = store.counts()
+        with store.read() as s:
+            failed_results = s.scalar(select(func.count()).select_from(Result)
+                                      .where(Result.state == db.FAILED)) or 0
+            last = s.scalar(select(DriftCheck).order_by(DriftCheck.at.desc()).limit(1))
+            day_ago = time.time() - 86400
+            rejected = s.scalar(select(func.count()).select_from(Rejection)
+                                .where(Rejection.at >= day_ago)) or 0
+        revision = current_revision(engine)
+    finally:
+        engine.dispose()
+    return {
+        "database": str(path), "schema_revision": revision,
+        "studies": counts, "failed_results": failed_results,
+        "backlog": counts[db.COMPLETE], "receiving": counts[db.RECEIVING],
+        "refused_last_24h": rejected,
+        "last_drift_check": None if last is None else {
+            "at": time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(last.at)),
+            "n": last.n, "psi": last.psi, "ks": last.ks, "alert": last.alert,
+            "summary": last.summary},
+        "model": _model(cfg),
+    }
+
+
+def _model(cfg: Config) -> dict[str, Any]:
+    card_path = cfg.model.card_path
+    try:
+        card = json.loads(Path(card_path).read_text())
+    except (OSError, ValueError):
+        return {"path": str(cfg.model.onnx_path), "card": "missing or unreadable"}
+    return {"name": card.get("name"), "sha256": card.get("sha256"), "path": str(cfg.model.onnx_path)}
+
+
+def render(st: dict[str, Any]) -> str:
+    """Return the status as a few human-readable lines."""
+    s = st["studies"]
+    lines = [
+        f"studies: received {s[db.RECEIVING]}, complete {s[db.COMPLETE]}, scored {s[db.SCORED]}, "
+        f"unscored {s[db.UNSCORED]}, failed {s[db.FAILED]}",
+        f"backlog: {st['backlog']} complete stud{'y' if st['backlog'] == 1 else 'ies'} waiting to be scored",
+        f"refused C-STOREs in the last 24 h: {st['refused_last_24h']}",
+    ]
+    d = st["last_drift_check"]
+    lines.append("last drift check: never" if d is None else
+                 f"last drift check: {d['at']} {'ALERT' if d['alert'] else 'ok'}: {d['summary']}")
+    m = st["model"]
+    lines.append(f"model: {m.get('name')} sha256 {str(m.get('sha256'))[:12]} ({m['path']})")
+    lines.append(f"database: {st['database']} (schema {st['schema_revision']})")
+    return "\n".join(lines)

@@ -1,0 +1,225 @@
+"""The scoring worker: complete studies in, versioned results out.
+
+It runs in the daemon beside the SCP, never inside its handlers. Decoding and
+preprocessing run in the decoder pool (:mod:`triage.inference.decoders`, the
+job being :func:`triage.imaging.prepare.prepare`); inference (milliseconds)
+runs here in onnxruntime batches. The database is the queue: ingest only ever
+adds complete studies, so when scoring falls behind nothing blocks and the
+backlog is simply the number of complete studies.
+
+Exactly-once: a result row and the study's new state are written in one
+transaction, and results are unique per (study, version). A crash before that
+commit leaves the study complete, so the restarted worker scores it once.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from sqlalchemy import select
+
+from dicom_io.ids import uid_hash, uid_key
+from triage.config import Config
+from triage.core import tiers
+from triage.imaging import prepare
+from triage.imaging.prepare import Prepared
+from triage.inference.decoders import DecoderPool
+from triage.inference.model import Model
+from triage.inference.scoring import ImageScore, infer
+from triage.store import schema as db
+from triage.store.schema import ImageResult, Instance, Result, Study
+
+log = logging.getLogger(__name__)
+
+# Image metadata kept per scored image (what the drift watch and replay compare).
+IMAGE_META = ("manufacturer", "photometric", "bits_stored", "rows", "columns", "pixel_spacing",
+              "view_position", "transfer_syntax", "patient_age_years")
+
+
+@dataclass(frozen=True)
+class Job:
+    """One image of a study to score: instance id, spool path, transfer syntax, SOP UID."""
+
+    instance_id: int
+    path: str
+    transfer_syntax: str
+    sop_uid: str
+
+
+def decoder_pool(processes: int, card: dict[str, Any]) -> DecoderPool:
+    """Return the decoder pool the daemon and replay use: :func:`prepare.prepare` per image."""
+    return DecoderPool(processes, prepare.prepare, prepare.unreadable, prepare.init, (card,))
+
+
+class ScoringWorker:
+    """Scores complete studies in a background thread until stopped."""
+
+    def __init__(self, cfg: Config, store: Any, model: Model, data_root: Path,
+                 pool: DecoderPool | None = None) -> None:
+        self.cfg, self.store, self.model = cfg, store, model
+        self.data_root = data_root
+        self.heatmap_dir = data_root / "heatmaps"
+        self.thresholds: dict[str, float | None] = {**model.thresholds, **cfg.worker.tier_overrides}
+        self.model_name = str(model.card.get("name", Path(getattr(model, "path", "model")).stem))
+        self.model_sha = str(model.card.get("sha256", ""))
+        self.pool = pool or decoder_pool(cfg.worker.processes, dict(model.card))
+        # Called with the result id after each result is committed (the daemon
+        # schedules a worklist render); it must return quickly.
+        self.on_result: Callable[[int], Any] | None = None
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+
+    def start(self) -> None:
+        """Start the decoder pool and the worker thread."""
+        self.pool.start()
+        self._thread = threading.Thread(target=self._run, name="scoring-worker", daemon=True)
+        self._thread.start()
+
+    def stop(self) -> None:
+        """Stop after the studies in hand; shut the pool down."""
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join(timeout=120)
+        self.pool.close()
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            try:
+                ids = self.pending(self.cfg.worker.max_studies_in_flight)
+                if ids:
+                    self.score_studies(ids)
+            except Exception:
+                log.exception("scoring worker iteration failed; retrying")
+                ids = []
+            if not ids:
+                self._stop.wait(self.cfg.worker.poll_interval_s)
+
+    def pending(self, limit: int) -> list[int]:
+        """Return ids of complete studies waiting for a result, oldest completion first."""
+        with self.store.read() as s:
+            return list(s.scalars(select(Study.id).where(Study.state == db.COMPLETE)
+                                  .order_by(Study.completed_at, Study.id).limit(limit)))
+
+    def score_study(self, study_id: int) -> int | None:
+        """Score one complete study; returns its result id or None (see :meth:`score_studies`)."""
+        return self.score_studies([study_id]).get(study_id)
+
+    def score_studies(self, study_ids: list[int]) -> dict[int, int | None]:
+        """Score several complete studies together and record a result for each.
+
+        Their images are decoded concurrently in the pool and inferred in shared
+        batches. Returns {study id: result id, or None when the study changed
+        (reopened) meanwhile or was already scored}.
+        """
+        t0 = time.perf_counter()
+        work = self._snapshot(study_ids)
+        jobs = [j for _, _, js in work.values() for j in js]
+        prepared = {p.key: p for p in self.pool.map(
+            [(j.instance_id, j.path, j.transfer_syntax) for j in jobs])}
+        t_decode = time.perf_counter()
+        scores = infer(self.model, list(prepared.values()), self.cfg.worker.batch_size)
+        t_infer = time.perf_counter()
+        out: dict[int, int | None] = {}
+        for sid, (version, study_uid, js) in work.items():
+            th = time.perf_counter()
+            mine = [prepared[j.instance_id] for j in js]
+            files = self._heatmaps(study_uid, version, mine, scores)
+            timings = {"decode_s": round(t_decode - t0, 4), "infer_s": round(t_infer - t_decode, 4),
+                       "heatmap_s": round(time.perf_counter() - th, 4),
+                       "decode_cpu_s": round(sum(p.seconds for p in mine), 4),
+                       "batch_studies": len(work)}
+            out[sid] = self._record(sid, version, mine, scores, files, timings, js)
+        return out
+
+    def _snapshot(self, study_ids: list[int]) -> dict[int, tuple[int, str, list[Job]]]:
+        """Return {study id: (version, study uid, its images)} for studies still complete."""
+        out = {}
+        with self.store.read() as s:
+            for sid in study_ids:
+                study = s.get(Study, sid)
+                if study is None or study.state != db.COMPLETE:
+                    continue
+                jobs = [Job(i.id, str(self.spool_root / i.relpath), i.transfer_syntax,
+                            i.sop_instance_uid)
+                        for i in s.scalars(select(Instance).where(Instance.study_id == sid))]
+                out[sid] = (study.version, study.study_uid, jobs)
+        return out
+
+    @property
+    def spool_root(self) -> Path:
+        """The spool root that instance relpaths are relative to."""
+        return self.data_root / "spool"
+
+    def _heatmaps(self, study_uid: str, version: int, images: list[Prepared],
+                  scores: dict[int, ImageScore]) -> dict[int, str]:
+        if not self.cfg.worker.heatmaps:
+            return {}
+        from triage.imaging.heatmap import write_overlay
+
+        out: dict[int, str] = {}
+        key = uid_key(study_uid)
+        for p in images:
+            score = scores.get(p.key)
+            if score is None or score.cam is None or p.display is None:
+                continue
+            path = self.heatmap_dir / key[:2] / key / f"i{p.key}_v{version}.png"
+            write_overlay(p.display, score.cam, path)
+            out[p.key] = path.relative_to(self.data_root).as_posix()
+        return out
+
+    def _record(self, study_id: int, version: int, images: list[Prepared],
+                scores: dict[int, ImageScore], files: dict[int, str], timings: dict[str, float],
+                jobs: list[Job]) -> int | None:
+        reasons = {p.key: p.reason for p in images if p.reason}
+        probs = {p.key: scores[p.key].probability for p in images if p.key in scores}
+        p, tier = tiers.study_outcome(probs.values(), self.thresholds)
+        state = db.SCORED if p is not None else db.UNSCORED
+        uid_of = {j.instance_id: j.sop_uid for j in jobs}
+        reason_list = [f"image {uid_hash(uid_of[i])}: {r}" for i, r in reasons.items()]
+        now = time.time()
+        with self.store.write() as s:
+            study = s.get(Study, study_id)
+            if study is None or study.state != db.COMPLETE or study.version != version:
+                return None  # reopened meanwhile: the new version will be scored
+            if s.scalar(select(Result.id).where(Result.study_id == study_id,
+                                                Result.version == version)) is not None:
+                return None
+            prev = s.scalar(select(Result).where(Result.study_id == study_id)
+                            .order_by(Result.version.desc()).limit(1))
+            change = tiers.change(prev.tier if prev else None, tier, self.thresholds)
+            res = Result(study_id=study_id, version=version, state=state, probability=p, tier=tier,
+                         previous_tier=prev.tier if prev else None, tier_change=change,
+                         reasons=json.dumps(reason_list), model_name=self.model_name,
+                         model_sha256=self.model_sha, thresholds=json.dumps(self.thresholds),
+                         timings=json.dumps(timings), created_at=now)
+            s.add(res)
+            for im in images:
+                s.add(ImageResult(result=res, instance_id=im.key, probability=probs.get(im.key),
+                                  reason=im.reason, heatmap_path=files.get(im.key), scored_at=now,
+                                  **{k: im.meta.get(k) for k in IMAGE_META}))
+            study.state = state
+            s.flush()
+            rid = res.id
+        self._log(study_id, version, state, p, tier, change, reasons)
+        if self.on_result is not None:
+            try:
+                self.on_result(rid)
+            except Exception:  # a listener must never stop scoring
+                log.exception("result listener failed")
+        return rid
+
+    @staticmethod
+    def _log(study_id: int, version: int, state: str, p: float | None, tier: str,
+             change: str | None, reasons: dict[int, str]) -> None:
+        msg = "study #%d v%d %s: p=%s tier=%s%s%s"
+        args = (study_id, version, state, "-" if p is None else f"{p:.3f}", tier,
+                f" ({change} from previous version)" if change else "",
+                f"; {len(reasons)} image(s) unscored" if reasons else "")
+        (log.warning if change == "fall" else log.info)(msg, *args)

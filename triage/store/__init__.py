@@ -1,0 +1,1 @@
+"""The database: schema (SQLAlchemy ORM), engine and migrations, the repository, retention."""

@@ -1,0 +1,194 @@
+"""The application's record of instances and studies (the SCP's recorder).
+
+All writes go through one lock: SQLite has a single writer, and short
+transactions under one lock keep association threads from tripping over
+``database is locked``. Reads use their own sessions.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+from sqlalchemy import func, select, update
+from sqlalchemy.engine import Engine
+from sqlalchemy.orm import Session, sessionmaker
+
+from dicom_io.header import Header, read_file_header
+from dicom_io.ids import uid_hash
+from dicom_io.scp import ReceivedInstance
+from dicom_io.spool import Spool, SpoolEntry
+from dicom_io.store_status import Refusal
+from triage.store import schema as db
+from triage.store.schema import Instance, Rejection, Replacement, Study
+
+log = logging.getLogger(__name__)
+
+
+class Store:
+    """Records instances, studies and refusals; answers the daemon's questions."""
+
+    def __init__(self, engine: Engine, clock: Callable[[], float] = time.time) -> None:
+        self.engine = engine
+        self.clock = clock
+        self._lock = threading.Lock()
+        self._sessions = sessionmaker(engine, expire_on_commit=False)
+
+    @contextmanager
+    def write(self) -> Iterator[Session]:
+        """A short write transaction under the single-writer lock."""
+        with self._lock, self._sessions.begin() as session:
+            yield session
+
+    def read(self) -> Session:
+        """Return a new session for reading (caller closes it)."""
+        return self._sessions()
+
+    def record_instance(self, inst: ReceivedInstance) -> str:
+        """Record a durable instance and group it into its study.
+
+        Returns 'stored' (new), 'duplicate' (byte-identical resend: nothing
+        changes) or 'replaced' (same SOP Instance UID, different bytes: the new
+        file becomes current, the replacement is recorded, the study reopens).
+        """
+        now = self.clock()
+        h = inst.header
+        with self.write() as s:
+            study = s.scalar(select(Study).where(Study.study_uid == h.study_uid))
+            existing = s.scalar(select(Instance).where(Instance.sop_instance_uid == h.sop_instance_uid))
+            if existing is not None and existing.sha256 == inst.entry.sha256:
+                return "duplicate"
+            if study is None:
+                study = Study(study_uid=h.study_uid, state=db.RECEIVING, version=1, n_instances=0,
+                              first_received_at=now, last_received_at=now)
+                s.add(study)
+            self._touch_study(study, h, now)
+            if existing is None:
+                s.add(self._new_instance(study, inst, now))
+                study.n_instances += 1
+                return "stored"
+            s.add(Replacement(instance_id=existing.id, old_relpath=existing.relpath,
+                              old_sha256=existing.sha256, new_relpath=inst.entry.relpath,
+                              new_sha256=inst.entry.sha256, replaced_at=now))
+            existing.relpath, existing.sha256 = inst.entry.relpath, inst.entry.sha256
+            existing.size, existing.received_at = inst.entry.size, now
+            existing.transfer_syntax = inst.transfer_syntax
+            log.info("instance %s replaced by a different payload", uid_hash(h.sop_instance_uid))
+            return "replaced"
+
+    @staticmethod
+    def _new_instance(study: Study, inst: ReceivedInstance, now: float) -> Instance:
+        h = inst.header
+        return Instance(study=study, sop_instance_uid=h.sop_instance_uid,
+                        sop_class_uid=h.sop_class_uid, series_uid=h.series_uid,
+                        transfer_syntax=inst.transfer_syntax, relpath=inst.entry.relpath,
+                        sha256=inst.entry.sha256, size=inst.entry.size,
+                        calling_ae=inst.calling_ae, received_at=now)
+
+    @staticmethod
+    def _touch_study(study: Study, h: Header, now: float) -> None:
+        if study.state != db.RECEIVING:
+            # A late instance reopens the study; results get a new version.
+            log.info("study %s reopened by a late instance", uid_hash(study.study_uid))
+            study.state = db.RECEIVING
+            study.version += 1
+            study.completed_at = None
+        if study.reported_at is not None:
+            # New images after the report must be read again: back to the worklist.
+            log.info("reported study %s has new images: back on the worklist", uid_hash(study.study_uid))
+            study.reported_at = None
+        study.last_received_at = now
+        for attr, value in h.study_fields().items():
+            if value is not None and getattr(study, attr) is None:
+                setattr(study, attr, value)
+
+    def record_rejection(self, calling_ae: str, sop_class_uid: str | None,
+                         sop_uid: str | None, refusal: Refusal) -> None:
+        """Record a refused C-STORE (hashed instance UID, no patient data)."""
+        with self.write() as s:
+            s.add(Rejection(at=self.clock(), calling_ae=calling_ae, sop_class_uid=sop_class_uid,
+                            sop_uid_hash=uid_hash(sop_uid) if sop_uid else None,
+                            status=refusal.status, reason=refusal.reason))
+
+    def complete_quiet_studies(self, quiet_period_s: float) -> list[int]:
+        """Mark receiving studies with no instance for ``quiet_period_s`` complete.
+
+        Returns the ids of the studies that became complete.
+        """
+        now = self.clock()
+        with self.write() as s:
+            ids = list(s.scalars(select(Study.id).where(
+                Study.state == db.RECEIVING, Study.last_received_at <= now - quiet_period_s)))
+            if ids:
+                s.execute(update(Study).where(Study.id.in_(ids))
+                          .values(state=db.COMPLETE, completed_at=now))
+        return ids
+
+    def mark_reported(self, study_id: int, reported: bool = True) -> bool:
+        """Mark a study reported (it moves to history) or, with ``reported=False``, unread again.
+
+        Returns False when there is no such study. Marking twice keeps the first time.
+        """
+        with self.write() as s:
+            study = s.get(Study, study_id)
+            if study is None:
+                return False
+            if not reported:
+                study.reported_at = None
+            elif study.reported_at is None:
+                study.reported_at = self.clock()
+        log.info("study #%d marked %s", study_id, "reported" if reported else "unread")
+        return True
+
+    def counts(self) -> dict[str, int]:
+        """Return the number of studies in each state (every state present, maybe 0)."""
+        with self.read() as s:
+            rows = s.execute(select(Study.state, func.count()).group_by(Study.state)).all()
+        out = {state: 0 for state in db.STUDY_STATES}
+        out.update({state: n for state, n in rows})
+        return out
+
+    def known_relpaths(self) -> set[str]:
+        """Return every spool path the database refers to (current or replaced)."""
+        with self.read() as s:
+            paths = set(s.scalars(select(Instance.relpath)))
+            paths |= set(s.scalars(select(Replacement.old_relpath)))
+        return paths
+
+    def reconcile(self, spool: Spool) -> int:
+        """Record durable spool files the database does not know (a crash between
+        rename and commit). Returns how many were recovered; unreadable ones are logged."""
+        known = self.known_relpaths()
+        n = 0
+        for path in spool.files():
+            rel = path.relative_to(spool.root).as_posix()
+            if rel in known:
+                continue
+            inst = _instance_from_file(path, rel)
+            if inst is None:
+                continue
+            self.record_instance(inst)
+            n += 1
+        if n:
+            log.info("recovered %d durable instance(s) missing from the database", n)
+        return n
+
+
+def _instance_from_file(path: Path, rel: str) -> ReceivedInstance | None:
+    import hashlib
+
+    try:
+        data = path.read_bytes()
+    except OSError as e:
+        log.error("spool file %s cannot be recovered: %s", rel, e.strerror or e)
+        return None
+    header = read_file_header(path)
+    if header is None or not (header.study_uid and header.sop_instance_uid):
+        log.error("spool file %s cannot be recovered: not a readable DICOM file with UIDs", rel)
+        return None
+    entry = SpoolEntry(path, rel, hashlib.sha256(data).hexdigest(), len(data), existed=True)
+    return ReceivedInstance(header, header.transfer_syntax, "", entry)

@@ -1,0 +1,170 @@
+"""The database schema as SQLAlchemy ORM classes, and the study states.
+
+The schema itself is owned by the Alembic revisions in ``migrations/``; the
+classes here mirror it, and ``create_all()`` is used only by the test that
+checks the two agree. Engines and migrations are :mod:`triage.store.database`.
+"""
+
+from __future__ import annotations
+
+from sqlalchemy import (
+    Boolean,
+    Float,
+    ForeignKey,
+    Integer,
+    String,
+    Text,
+    UniqueConstraint,
+)
+from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, relationship
+
+# Study states. A study moves receiving -> complete -> scored | unscored | failed,
+# and back to receiving when a late instance reopens it.
+RECEIVING, COMPLETE, SCORED, UNSCORED, FAILED = (
+    "receiving", "complete", "scored", "unscored", "failed")
+STUDY_STATES = (RECEIVING, COMPLETE, SCORED, UNSCORED, FAILED)
+
+
+class Base(DeclarativeBase):
+    """Declarative base of the triage schema."""
+
+
+class Study(Base):
+    """One study, grouped by StudyInstanceUID across any number of associations."""
+
+    __tablename__ = "studies"
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    study_uid: Mapped[str] = mapped_column(String(64), unique=True, nullable=False)
+    accession_number: Mapped[str | None] = mapped_column(String(64))
+    patient_name: Mapped[str | None] = mapped_column(String(324))
+    patient_id: Mapped[str | None] = mapped_column(String(64))
+    patient_sex: Mapped[str | None] = mapped_column(String(16))
+    patient_age: Mapped[str | None] = mapped_column(String(16))  # DICOM Age String, e.g. 004Y
+    study_date: Mapped[str | None] = mapped_column(String(8))
+    study_time: Mapped[str | None] = mapped_column(String(16))
+    study_description: Mapped[str | None] = mapped_column(String(64))
+    modality: Mapped[str | None] = mapped_column(String(16))
+    state: Mapped[str] = mapped_column(String(16), nullable=False, index=True)
+    version: Mapped[int] = mapped_column(Integer, nullable=False, default=1)
+    n_instances: Mapped[int] = mapped_column(Integer, nullable=False, default=0)
+    first_received_at: Mapped[float] = mapped_column(Float, nullable=False)
+    last_received_at: Mapped[float] = mapped_column(Float, nullable=False)
+    completed_at: Mapped[float | None] = mapped_column(Float)
+    # Set when a radiologist marks the study reported (it moves to history);
+    # cleared when a late instance reopens it. Retention purges only these.
+    reported_at: Mapped[float | None] = mapped_column(Float, index=True)
+    instances: Mapped[list[Instance]] = relationship(back_populates="study")
+
+
+class Instance(Base):
+    """One acknowledged SOP instance and where its bytes are in the spool."""
+
+    __tablename__ = "instances"
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    study_id: Mapped[int] = mapped_column(ForeignKey("studies.id"), nullable=False, index=True)
+    sop_instance_uid: Mapped[str] = mapped_column(String(64), unique=True, nullable=False)
+    sop_class_uid: Mapped[str] = mapped_column(String(64), nullable=False)
+    series_uid: Mapped[str] = mapped_column(String(64), nullable=False)
+    transfer_syntax: Mapped[str] = mapped_column(String(64), nullable=False)
+    relpath: Mapped[str] = mapped_column(Text, nullable=False)
+    sha256: Mapped[str] = mapped_column(String(64), nullable=False)
+    size: Mapped[int] = mapped_column(Integer, nullable=False)
+    calling_ae: Mapped[str | None] = mapped_column(String(16))
+    received_at: Mapped[float] = mapped_column(Float, nullable=False)
+    study: Mapped[Study] = relationship(back_populates="instances")
+
+
+class Replacement(Base):
+    """A resend of a SOP Instance UID with different bytes; both files are kept."""
+
+    __tablename__ = "replacements"
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    instance_id: Mapped[int] = mapped_column(ForeignKey("instances.id"), nullable=False, index=True)
+    old_relpath: Mapped[str] = mapped_column(Text, nullable=False)
+    old_sha256: Mapped[str] = mapped_column(String(64), nullable=False)
+    new_relpath: Mapped[str] = mapped_column(Text, nullable=False)
+    new_sha256: Mapped[str] = mapped_column(String(64), nullable=False)
+    replaced_at: Mapped[float] = mapped_column(Float, nullable=False)
+
+
+class Rejection(Base):
+    """A refused C-STORE: what status the sender got, and why. No patient data."""
+
+    __tablename__ = "rejections"
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    at: Mapped[float] = mapped_column(Float, nullable=False, index=True)
+    calling_ae: Mapped[str | None] = mapped_column(String(16))
+    sop_class_uid: Mapped[str | None] = mapped_column(String(64))
+    sop_uid_hash: Mapped[str | None] = mapped_column(String(16))
+    status: Mapped[int] = mapped_column(Integer, nullable=False)
+    reason: Mapped[str] = mapped_column(Text, nullable=False)
+
+
+class Result(Base):
+    """One scoring of one study version; history is kept, one row per version."""
+
+    __tablename__ = "results"
+    __table_args__ = (UniqueConstraint("study_id", "version", name="uq_results_study_version"),)
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    study_id: Mapped[int] = mapped_column(ForeignKey("studies.id"), nullable=False, index=True)
+    version: Mapped[int] = mapped_column(Integer, nullable=False)
+    state: Mapped[str] = mapped_column(String(16), nullable=False)  # scored | unscored | failed
+    probability: Mapped[float | None] = mapped_column(Float)
+    tier: Mapped[str] = mapped_column(String(32), nullable=False)
+    previous_tier: Mapped[str | None] = mapped_column(String(32))
+    tier_change: Mapped[str | None] = mapped_column(String(8))  # rise | fall | None
+    reasons: Mapped[str | None] = mapped_column(Text)  # JSON list of "image: reason"
+    model_name: Mapped[str] = mapped_column(String(128), nullable=False)
+    model_sha256: Mapped[str] = mapped_column(String(64), nullable=False)
+    thresholds: Mapped[str] = mapped_column(Text, nullable=False)  # JSON
+    timings: Mapped[str] = mapped_column(Text, nullable=False)  # JSON, seconds per stage
+    created_at: Mapped[float] = mapped_column(Float, nullable=False)
+    images: Mapped[list[ImageResult]] = relationship(back_populates="result")
+
+
+class ImageResult(Base):
+    """The score (or reason) of one image within a result, with its input metadata."""
+
+    __tablename__ = "image_results"
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    result_id: Mapped[int] = mapped_column(ForeignKey("results.id"), nullable=False, index=True)
+    instance_id: Mapped[int] = mapped_column(ForeignKey("instances.id"), nullable=False)
+    probability: Mapped[float | None] = mapped_column(Float)
+    reason: Mapped[str | None] = mapped_column(Text)
+    heatmap_path: Mapped[str | None] = mapped_column(Text)
+    manufacturer: Mapped[str | None] = mapped_column(String(64))
+    photometric: Mapped[str | None] = mapped_column(String(16))
+    bits_stored: Mapped[int | None] = mapped_column(Integer)
+    rows: Mapped[int | None] = mapped_column(Integer)
+    columns: Mapped[int | None] = mapped_column(Integer)
+    pixel_spacing: Mapped[str | None] = mapped_column(String(64))
+    view_position: Mapped[str | None] = mapped_column(String(16))
+    transfer_syntax: Mapped[str | None] = mapped_column(String(64))
+    patient_age_years: Mapped[float | None] = mapped_column(Float)
+    scored_at: Mapped[float] = mapped_column(Float, nullable=False, index=True)
+    result: Mapped[Result] = relationship(back_populates="images")
+
+
+class DriftCheck(Base):
+    """One run of the drift watch."""
+
+    __tablename__ = "drift_checks"
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    at: Mapped[float] = mapped_column(Float, nullable=False)
+    n: Mapped[int] = mapped_column(Integer, nullable=False)
+    psi: Mapped[float | None] = mapped_column(Float)
+    ks: Mapped[float | None] = mapped_column(Float)
+    unseen: Mapped[str | None] = mapped_column(Text)  # JSON {field: [values]}
+    alert: Mapped[bool] = mapped_column(Boolean, nullable=False)
+    summary: Mapped[str] = mapped_column(Text, nullable=False)
+
+
+class Alert(Base):
+    """Something an operator or radiologist must see (drift, for now)."""
+
+    __tablename__ = "alerts"
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    at: Mapped[float] = mapped_column(Float, nullable=False)
+    kind: Mapped[str] = mapped_column(String(32), nullable=False)
+    message: Mapped[str] = mapped_column(Text, nullable=False)
+    active: Mapped[bool] = mapped_column(Boolean, nullable=False)

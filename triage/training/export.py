@@ -1,0 +1,282 @@
+"""``triage export``: ONNX (fp32 and static int8) plus the JSON model card.
+
+The exported graph takes ``image`` (N, 1, S, S) float32, already through
+:func:`triage.imaging.transforms.build_transforms`, and returns:
+
+- ``probability`` (N,): calibrated P(abnormal) = sigmoid((logit - prior_shift) / T);
+- ``logit`` (N,): the calibrated logit (logit - prior_shift) / T;
+- ``cam`` (N, h, w): the Grad-CAM map of the raw logit at the last feature map.
+  With a GAP -> dropout -> linear head the gradient of the logit with respect to
+  feature map k is w_k / (h w) everywhere, so Grad-CAM is exactly
+  ReLU(sum_k w_k F_k) / (h w). Upsampling and min-max normalisation are left to
+  :func:`triage.imaging.heatmap.upsample` (what ``monai.visualize.GradCAM`` does).
+
+Static int8 quantisation (QDQ, per-channel weights) covers the convolutions
+only; the head stays fp32 so probabilities keep their resolution near the
+thresholds. Calibration data are training images, never validation ones.
+"""
+
+from __future__ import annotations
+
+import datetime as _dt
+import json
+import logging
+import platform
+import warnings
+from collections.abc import Iterator, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+import triage.training.compat  # noqa: F401  (must precede torchvision)
+from triage.files import write_atomic
+from triage.inference.model import INPUT_NAME, OUTPUT_NAMES, onnx_session, run_session
+
+log = logging.getLogger(__name__)
+
+OPSET = 17
+INT8_AUC_TOLERANCE = 0.005
+
+
+class ExportNet(nn.Module):
+    """MobileNetV2 with the calibration baked in and the CAM as a second output."""
+
+    def __init__(self, model: Any, temperature: float = 1.0, prior_shift: float = 0.0) -> None:
+        super().__init__()
+        self.body: nn.Module = model.features
+        self.head: nn.Linear = model.classifier[-1]
+        self.register_buffer("temperature", torch.tensor(float(temperature)))
+        self.register_buffer("prior_shift", torch.tensor(float(prior_shift)))
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Return (probability, calibrated logit, Grad-CAM map) for a batch."""
+        f = self.body(x)
+        logit = self.head(f.mean(dim=(2, 3)))[:, 0]
+        z = (logit - self.prior_shift) / self.temperature
+        w = self.head.weight[0].view(1, -1, 1, 1)
+        cam = torch.relu((f * w).sum(dim=1)) / float(f.shape[2] * f.shape[3])
+        return torch.sigmoid(z), z, cam
+
+
+def export_fp32(net: ExportNet, size: int, path: str | Path) -> Path:
+    """Write ``net`` as an ONNX file with a dynamic batch axis; return the path."""
+    net.eval()
+    dummy = torch.zeros(1, 1, size, size)
+    out = Path(path)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    axes = {INPUT_NAME: {0: "batch"}, **{n: {0: "batch"} for n in OUTPUT_NAMES}}
+    with warnings.catch_warnings():
+        # The feature-map size is fixed by the input spec, so tracing it as a constant is right.
+        warnings.simplefilter("ignore", torch.jit.TracerWarning)
+        torch.onnx.export(net, (dummy,), str(out), dynamo=False, opset_version=OPSET,
+                          input_names=[INPUT_NAME], output_names=list(OUTPUT_NAMES),
+                          dynamic_axes=axes, do_constant_folding=True)
+    return out
+
+
+class _Reader:
+    """onnxruntime CalibrationDataReader over preprocessed training images."""
+
+    def __init__(self, images: np.ndarray, batch: int = 16) -> None:
+        self._it: Iterator[dict[str, np.ndarray]] = (
+            {INPUT_NAME: images[i:i + batch]} for i in range(0, len(images), batch))
+
+    def get_next(self) -> dict[str, np.ndarray] | None:
+        return next(self._it, None)
+
+
+def quantize_int8(fp32_path: str | Path, int8_path: str | Path, calib_images: np.ndarray) -> Path:
+    """Write a static int8 (QDQ, per-channel) copy of an fp32 ONNX model; return its path.
+
+    ``calib_images`` are preprocessed (N, 1, S, S) float32 training images.
+    """
+    from onnxruntime.quantization import (
+        CalibrationMethod,
+        QuantFormat,
+        QuantType,
+        quantize_static,
+    )
+    from onnxruntime.quantization.shape_inference import quant_pre_process
+
+    out = Path(int8_path)
+    prepped = out.with_suffix(".pre.onnx")
+    quant_pre_process(str(fp32_path), str(prepped), skip_symbolic_shape=True)
+    reader: Any = _Reader(calib_images.astype(np.float32))
+    quantize_static(str(prepped), str(out), reader, quant_format=QuantFormat.QDQ,
+                    per_channel=True, activation_type=QuantType.QUInt8,
+                    weight_type=QuantType.QInt8, op_types_to_quantize=["Conv", "Add"],
+                    calibrate_method=CalibrationMethod.MinMax)
+    prepped.unlink(missing_ok=True)
+    return out
+
+
+def software_versions() -> dict[str, str]:
+    """Return the versions of the libraries that produced the model."""
+    import monai
+    import onnx
+    import onnxruntime
+    import pydicom
+    import torchvision
+
+    return {"python": platform.python_version(), "torch": torch.__version__,
+            "torchvision": torchvision.__version__, "monai": monai.__version__,
+            "onnx": onnx.__version__, "onnxruntime": onnxruntime.__version__,
+            "pydicom": pydicom.__version__, "numpy": np.__version__}
+
+
+INTENDED_USE = (
+    "A triage aid that reorders a reading worklist of frontal (PA/AP) chest radiographs by the "
+    "estimated probability of an abnormal study. It is not a diagnostic device: every study is "
+    "still read by a clinician, and a 'routine' tier never means 'normal'."
+)
+LIMITATIONS = [
+    ("Trained only on pediatric chest radiographs (Kermany et al. 2018, patients aged 1-5, one "
+     "centre in Guangzhou), labelled NORMAL vs PNEUMONIA. Performance on adults, other "
+     "populations, other centres and other findings is unvalidated."),
+    ("Training images were 8-bit JPEGs squashed to 224x224; full-bit-depth DICOM is windowed and "
+     "squashed the same way, but domain shift from the source DICOM pipeline is likely."),
+    ("Validation figures come from the val split used for early stopping and calibration, so they "
+     "are optimistic; independent test performance is expected to be lower."),
+    ("Lateral and other non-frontal views, For Processing images, colour images, modalities "
+     "other than CR/DX/SC, body parts other than the chest and images smaller than the gating "
+     "minimum are not scored."),
+    "The class-activation map is a coarse visual aid, not a localisation of findings.",
+]
+
+
+def build_card(meta: dict[str, Any], cal: dict[str, Any], shipped: dict[str, Any],
+               variants: dict[str, Any], feature_shape: Sequence[int]) -> dict[str, Any]:
+    """Return the model card (pure: values in, dict out)."""
+    return {
+        "name": shipped["name"],
+        "format": "onnx",
+        "file": shipped["file"],
+        "sha256": shipped["sha256"],
+        "precision": shipped["precision"],
+        "created": _dt.datetime.now(_dt.UTC).isoformat(timespec="seconds"),
+        "architecture": {**meta["arch"], "head": "global average pooling -> dropout -> linear",
+                         "weights_init": meta.get("init") or "random (weights=None)"},
+        "input": meta["input"],
+        "outputs": {
+            "probability": "calibrated P(abnormal) = sigmoid((logit - prior_shift) / temperature)",
+            "logit": "calibrated logit (logit - prior_shift) / temperature",
+            "cam": "Grad-CAM of the raw logit at the last feature map: "
+                   "ReLU(sum_k w_k F_k) / (h w); upsample bilinearly and min-max normalise",
+        },
+        "gradcam": {"target_layer": "features", "feature_shape": list(feature_shape)},
+        "preprocess": meta["preprocess"],
+        "training": {"manifest_sha256": meta.get("manifest_sha256", ""),
+                     "counts": meta.get("counts", {}), "config": meta.get("train_config", {}),
+                     "best_epoch": meta.get("epoch"), "pos_weight": meta.get("pos_weight"),
+                     "history": meta.get("history", [])},
+        "temperature": cal["temperature"],
+        "prior_shift": cal["prior_shift"],
+        "validation": shipped["validation"],
+        "operating_points": shipped["operating_points"],
+        "ece": shipped["validation"]["ece"],
+        "reference_scores": shipped["score_distribution"],
+        "variants": variants,
+        "software": software_versions(),
+        "intended_use": INTENDED_USE,
+        "limitations": LIMITATIONS,
+        "data_citation": "Kermany D, Zhang K, Goldbaum M. Labeled Optical Coherence Tomography "
+                         "(OCT) and Chest X-Ray Images for Classification. Mendeley Data, v2, "
+                         "2018. doi:10.17632/rscbjbr9sj.2 (CC BY 4.0)",
+    }
+
+
+def write_json(path: str | Path, obj: dict[str, Any]) -> Path:
+    """Write ``obj`` as indented JSON atomically (readable by all: models ship); return the path."""
+    return write_atomic(path, json.dumps(obj, indent=2, allow_nan=False), fsync=True, mode=0o644)
+
+
+def _prepared(samples: Sequence[Any], meta: dict[str, Any], desc: str) -> tuple[np.ndarray, np.ndarray]:
+    """Return (network-ready images (N, 1, S, S), labels) through the model's own chain."""
+    from triage.imaging.transforms import InputSpec, build_transforms, preprocess_of, split_cached
+    from triage.training.train import cache_images
+
+    pre = preprocess_of(meta)
+    prefix, rest = split_cached(build_transforms(pre, InputSpec.from_dict(meta["input"])))
+    cached, labels = cache_images(samples, prefix, pre, desc)
+    return np.stack([np.asarray(rest(x), dtype=np.float32) for x in cached]), labels
+
+
+def _evaluate(probs: np.ndarray, labels: np.ndarray, cal_cfg: Any) -> dict[str, Any]:
+    """Return AUC, ECE, operating points and the score distribution of one variant."""
+    from triage.core import metrics
+    from triage.training.calibrate import operating_points
+
+    points = operating_points(labels, probs, cal_cfg.operating_points, cal_cfg.conservative,
+                              cal_cfg.confidence)
+    return {
+        "validation": {"split": "val", "n": len(labels), "n_pos": int(labels.sum()),
+                       "auc": metrics.auc(labels, probs),
+                       "ece": metrics.ece(labels, probs, cal_cfg.ece_bins),
+                       "ece_bins": cal_cfg.ece_bins},
+        "operating_points": [p.to_dict() for p in points],
+        "score_distribution": metrics.score_distribution(probs),
+    }
+
+
+def choose_variant(auc_fp32: float, auc_int8: float | None,
+                   tolerance: float = INT8_AUC_TOLERANCE) -> str:
+    """Return "int8" unless it is missing or costs more than ``tolerance`` AUC, else "fp32"."""
+    if auc_int8 is None or not np.isfinite(auc_int8) or auc_fp32 - auc_int8 > tolerance:
+        return "fp32"
+    return "int8"
+
+
+def run(checkpoint: str | Path, calibration_json: str | Path, samples: Sequence[Any],
+        out_dir: str | Path, name: str, cal_cfg: Any, work_dir: str | Path,
+        n_calib: int = 256, int8: bool = True, threads: int = 2) -> dict[str, Any]:
+    """Export fp32 and int8, evaluate both on val, ship the chosen one with its card.
+
+    Writes ``<out_dir>/<name>.onnx`` and ``<out_dir>/<name>.json``; both variants
+    stay under ``work_dir``. Returns the card. Raises InputError on bad inputs.
+    """
+    import shutil
+
+    from triage.core.errors import InputError
+    from triage.training.train import file_sha256, load_checkpoint
+
+    model, meta = load_checkpoint(checkpoint)
+    try:
+        cal = json.loads(Path(calibration_json).read_text())
+    except (OSError, ValueError) as e:
+        raise InputError(f"cannot read calibration {calibration_json}: {e}") from e
+    net = ExportNet(model, cal["temperature"], cal["prior_shift"]).eval()
+    work = Path(work_dir)
+    size = int(meta["input"]["size"])
+    paths = {"fp32": export_fp32(net, size, work / f"{name}.fp32.onnx")}
+    val = [s for s in samples if s.split == "val"]
+    x_val, y_val = _prepared(val, meta, "prepare val")
+    if int8:
+        rng = np.random.default_rng(0)
+        tr = [s for s in samples if s.split == "train"]
+        pick = [tr[i] for i in sorted(rng.choice(len(tr), min(n_calib, len(tr)), replace=False))]
+        x_cal, _ = _prepared(pick, meta, "prepare int8 calibration")
+        paths["int8"] = quantize_int8(paths["fp32"], work / f"{name}.int8.onnx", x_cal)
+    results = {k: run_session(onnx_session(p, threads), x_val) for k, p in paths.items()}
+    with torch.inference_mode():
+        torch_prob = net(torch.as_tensor(x_val[:32]))[0].numpy()
+    evals = {k: _evaluate(r["probability"], y_val, cal_cfg) for k, r in results.items()}
+    variants = {k: {"auc": evals[k]["validation"]["auc"], "bytes": paths[k].stat().st_size,
+                    "sha256": file_sha256(paths[k])} for k in paths}
+    variants["fp32"]["max_abs_diff_vs_torch"] = float(
+        np.abs(results["fp32"]["probability"][:32] - torch_prob).max())
+    chosen = choose_variant(variants["fp32"]["auc"], variants.get("int8", {}).get("auc"))
+    log.info("fp32 AUC %.4f, int8 AUC %s -> shipping %s", variants["fp32"]["auc"],
+             variants.get("int8", {}).get("auc"), chosen)
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    shutil.copyfile(paths[chosen], out / f"{name}.onnx")
+    shipped = {"name": name, "file": f"{name}.onnx", "precision": chosen,
+               "sha256": variants[chosen]["sha256"], **evals[chosen]}
+    feature_shape = list(results[chosen]["cam"].shape[1:])
+    channels = int(model.last_channel)  # type: ignore[arg-type]
+    card = build_card(meta, cal, shipped, variants, [channels, *feature_shape])
+    write_json(out / f"{name}.json", card)
+    return card

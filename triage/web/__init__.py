@@ -1,0 +1,1 @@
+"""The web edge: the worklist, study and history pages, overlays and a small JSON API."""

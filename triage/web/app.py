@@ -1,0 +1,108 @@
+"""The web app: the worklist, study and history pages, overlays and a small JSON API.
+
+The worklist page and its JSON are the files the scheduler renders; study and
+history pages are rendered per request. Files are served only from the data
+directory's ``heatmaps/`` folder, after resolving the path. Who may ask is
+:mod:`triage.web.security`'s business.
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import Any
+
+from starlette.applications import Starlette
+from starlette.middleware import Middleware
+from starlette.middleware.trustedhost import TrustedHostMiddleware
+from starlette.requests import Request
+from starlette.responses import (
+    FileResponse,
+    HTMLResponse,
+    JSONResponse,
+    PlainTextResponse,
+    RedirectResponse,
+    Response,
+)
+from starlette.routing import Route
+
+from triage.config import WebConfig
+from triage.web.security import LOOPBACK_HOSTS, AuthMiddleware, SecurityHeaders
+
+log = logging.getLogger(__name__)
+
+
+def safe_file(root: Path, relpath: str) -> Path | None:
+    """Return the PNG ``relpath`` under ``root`` if it exists and stays inside it, else None."""
+    base = root.resolve()
+    try:
+        target = (base / relpath).resolve()
+    except (OSError, ValueError):
+        return None
+    if not target.is_relative_to(base) or target.suffix != ".png" or not target.is_file():
+        return None
+    return target
+
+
+def build_app(pages: Any, data_root: Path, web: WebConfig) -> Starlette:
+    """Return the Starlette app serving ``pages`` and the overlays under ``data_root``."""
+    heatmaps = data_root / "heatmaps"
+    no_store = {"Cache-Control": "no-store"}
+
+    # The rendered files are read whole: one open() sees one version even while a
+    # render renames the next one into place (FileResponse would stat, then reopen).
+    def worklist(request: Request) -> Response:
+        return Response(pages.worklist_html.read_bytes(), media_type="text/html; charset=utf-8",
+                        headers=no_store)
+
+    def api_worklist(request: Request) -> Response:
+        return Response(pages.worklist_json.read_bytes(), media_type="application/json",
+                        headers=no_store)
+
+    def study(request: Request) -> Response:
+        html = pages.study_page(request.path_params["study_id"])
+        if html is None:
+            return PlainTextResponse("404 Not Found: no such study\n", status_code=404)
+        return HTMLResponse(html, headers=no_store)
+
+    def history(request: Request) -> Response:
+        return HTMLResponse(pages.history_page(request.query_params.get("q", "")), headers=no_store)
+
+    def files(request: Request) -> Response:
+        rel = request.path_params["path"]
+        path = safe_file(heatmaps, rel.removeprefix("heatmaps/")) if rel.startswith("heatmaps/") else None
+        if path is None:
+            return PlainTextResponse("404 Not Found\n", status_code=404)
+        return FileResponse(path, media_type="image/png")
+
+    def report(request: Request) -> Response:
+        return _mark(request, True)
+
+    def unreport(request: Request) -> Response:
+        return _mark(request, False)
+
+    def _mark(request: Request, reported: bool) -> Response:
+        sid = request.path_params["study_id"]
+        if not pages.mark_reported(sid, reported):
+            return PlainTextResponse("404 Not Found: no such study\n", status_code=404)
+        if "application/json" in request.headers.get("accept", ""):
+            return JSONResponse({"study_id": sid, "reported": reported})
+        return RedirectResponse("/" if reported else f"/study/{sid}", status_code=303)
+
+    def favicon(request: Request) -> Response:
+        return Response(status_code=204)  # none, and no 404 in the browser's console
+
+    routes = [
+        Route("/", worklist), Route("/favicon.ico", favicon), Route("/api/worklist", api_worklist),
+        Route("/study/{study_id:int}", study), Route("/history", history),
+        Route("/files/{path:path}", files),
+        Route("/study/{study_id:int}/report", report, methods=["POST"]),
+        Route("/study/{study_id:int}/unreport", unreport, methods=["POST"]),
+    ]
+    middleware = [Middleware(SecurityHeaders, csp_hashes=pages.csp_hashes),
+                  Middleware(AuthMiddleware, web=web)]
+    if not web.auth_required:
+        # Unauthenticated is loopback only; refusing foreign Host headers also stops
+        # DNS rebinding from turning a web page into a client of this server.
+        middleware.insert(0, Middleware(TrustedHostMiddleware, allowed_hosts=LOOPBACK_HOSTS))
+    return Starlette(routes=routes, middleware=middleware)

@@ -1,0 +1,263 @@
+"""The radiologists' pages: database rows in, HTML (Jinja2, autoescaped) out.
+
+The worklist is rendered by the scheduler, not per request: :meth:`Pages.render_worklist`
+writes ``worklist.html`` and ``worklist.json`` from the same ordered rows to
+temp files and renames them into place, so a reader never sees half a page and
+the JSON is always in the page's order. Study and history pages are rendered
+per request. Every value from a DICOM header passes through Jinja2's
+autoescaping.
+"""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import json
+import logging
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import jinja2
+from sqlalchemy import and_, func, select
+
+from triage import resources
+from triage.config import WorklistConfig
+from triage.core import tiers
+from triage.core.tiers import PENDING, UNSCORED, priority
+from triage.core.worklist import (
+    Placed,
+    Row,
+    arrange,
+    bands,
+    format_study_datetime,
+    format_wait,
+    to_json,
+)
+from triage.files import write_atomic
+from triage.store import schema as db
+from triage.store.schema import Alert, ImageResult, Result, Study
+
+log = logging.getLogger(__name__)
+DISCLAIMER = "Not for diagnostic use: triage aid"
+HISTORY_LIMIT = 200
+# Inline assets: included verbatim in every page, and allowed by the CSP by hash.
+INLINE_ASSETS = {"style": "style.css", "script": "app.js"}
+
+
+@dataclass(frozen=True)
+class ModelInfo:
+    """The model the worker scores with, as the banner shows it."""
+
+    name: str
+    sha256: str
+    created: str
+    thresholds: dict[str, float | None]
+
+    @property
+    def version(self) -> str:
+        """A short, human-checkable version: name and the first 12 hex digits of its sha256."""
+        return f"{self.name} {self.sha256[:12]}".strip()
+
+    @property
+    def ordered_thresholds(self) -> list[tuple[str, float | None]]:
+        """The operating points, highest threshold first (as the bands run)."""
+        order = tiers.band_order(self.thresholds)
+        return [(n, self.thresholds[n]) for n in order if n in self.thresholds]
+
+
+def environment() -> jinja2.Environment:
+    """Return the Jinja2 environment: templates in ``reports/templates``, autoescape always on."""
+    env = jinja2.Environment(loader=jinja2.FileSystemLoader(resources.path("templates")),
+                             autoescape=True,
+                             undefined=jinja2.StrictUndefined, trim_blocks=True,
+                             lstrip_blocks=True)
+    env.filters["wait"] = format_wait
+    env.filters["prob"] = lambda p: "–" if p is None else f"{p:.2f}"
+    env.filters["pn"] = lambda v: "" if v is None else str(v).replace("^", " ").strip()
+    env.filters["when"] = lambda t: "" if t is None else time.strftime(
+        "%Y-%m-%d %H:%M", time.localtime(t))
+    env.globals["study_datetime"] = format_study_datetime
+    env.globals["disclaimer"] = DISCLAIMER
+    return env
+
+
+def asset_hashes(env: jinja2.Environment) -> dict[str, str]:
+    """Return the CSP source ('sha256-…') of each inline asset, as the pages include it."""
+    out = {}
+    for kind, name in INLINE_ASSETS.items():
+        text = env.get_template(name).render()
+        out[kind] = "'sha256-" + base64.b64encode(hashlib.sha256(text.encode()).digest()).decode() + "'"
+    return out
+
+
+# --- database reads --------------------------------------------------------------
+
+
+def _reason(study: Study, res: Result | None) -> str | None:
+    if study.state == db.RECEIVING:
+        return "receiving images"
+    if study.state == db.COMPLETE:
+        return "queued for scoring"
+    if res is None:
+        return "no result recorded" if study.state == db.FAILED else None
+    if res.state != db.SCORED:
+        reasons = json.loads(res.reasons or "[]")
+        return "; ".join(reasons) or res.state
+    return None
+
+
+def row_of(study: Study, res: Result | None) -> Row:
+    """Return the worklist row of a study and its latest result (None: not scored yet)."""
+    rescoring = res is not None and study.state in (db.RECEIVING, db.COMPLETE)
+    tier = res.tier if res is not None else (PENDING if study.state in (db.RECEIVING, db.COMPLETE)
+                                             else UNSCORED)
+    return Row(
+        study_id=study.id, tier=tier, waiting_since=study.first_received_at,
+        probability=res.probability if res else None, state=study.state,
+        accession_number=study.accession_number, patient_name=study.patient_name,
+        patient_id=study.patient_id, study_description=study.study_description,
+        study_date=study.study_date, study_time=study.study_time, modality=study.modality,
+        n_images=study.n_instances, reason=_reason(study, res), version=study.version,
+        tier_change=res.tier_change if res else None,
+        previous_tier=res.previous_tier if res else None, rescoring=rescoring,
+        reported_at=study.reported_at)
+
+
+def load_rows(store: Any, reported: bool = False, accession: str | None = None,
+              limit: int | None = None) -> list[Row]:
+    """Return the rows of active studies (or, with ``reported``, of reported ones, newest first).
+
+    ``accession`` keeps only studies whose accession number contains it.
+    """
+    latest = (select(Result.study_id, func.max(Result.version).label("v"))
+              .group_by(Result.study_id).subquery())
+    q = (select(Study, Result)
+         .outerjoin(latest, latest.c.study_id == Study.id)
+         .outerjoin(Result, and_(Result.study_id == Study.id, Result.version == latest.c.v))
+         .where(Study.reported_at.is_not(None) if reported else Study.reported_at.is_(None)))
+    if accession:
+        q = q.where(Study.accession_number.contains(accession, autoescape=True))
+    if reported:
+        q = q.order_by(Study.reported_at.desc(), Study.id.desc())
+    if limit is not None:
+        q = q.limit(limit)
+    with store.read() as s:
+        return [row_of(study, res) for study, res in s.execute(q).all()]
+
+
+def active_alerts(store: Any) -> list[Alert]:
+    """Return the active alerts (drift, for now), newest first."""
+    with store.read() as s:
+        return list(s.scalars(select(Alert).where(Alert.active.is_(True)).order_by(Alert.at.desc())))
+
+
+@dataclass(frozen=True)
+class ImageView:
+    """One image of a result, for the study page."""
+
+    instance_id: int
+    probability: float | None
+    tier: str
+    reason: str | None
+    heatmap: str | None  # path relative to the data directory
+    view_position: str | None
+    rows: int | None
+    columns: int | None
+
+
+def study_detail(store: Any, study_id: int) -> dict[str, Any] | None:
+    """Return what the study page shows (study, results newest first, images), or None.
+
+    Each image's tier is taken at the thresholds its result was scored with.
+    """
+    with store.read() as s:
+        study = s.get(Study, study_id)
+        if study is None:
+            return None
+        results = list(s.scalars(select(Result).where(Result.study_id == study_id)
+                                 .order_by(Result.version.desc())))
+        thresholds = json.loads(results[0].thresholds) if results else {}
+        images: list[ImageView] = []
+        if results:
+            q = (select(ImageResult).where(ImageResult.result_id == results[0].id)
+                 .order_by(ImageResult.id))
+            images = [ImageView(ir.instance_id, ir.probability, priority(ir.probability, thresholds),
+                                ir.reason, ir.heatmap_path, ir.view_position, ir.rows, ir.columns)
+                      for ir in s.scalars(q)]
+    return {"study": study, "row": row_of(study, results[0] if results else None),
+            "results": results, "images": images, "thresholds": thresholds}
+
+
+# --- rendering -----------------------------------------------------------------
+
+
+class Pages:
+    """Renders the worklist to files (scheduled) and the study and history pages (per request)."""
+
+    def __init__(self, store: Any, out_dir: Path, model: ModelInfo, cfg: WorklistConfig,
+                 clock: Callable[[], float] = time.time) -> None:
+        self.store, self.out_dir, self.model, self.cfg = store, out_dir, model, cfg
+        self.clock = clock
+        self.env = environment()
+        self.csp_hashes = asset_hashes(self.env)
+        # One render at a time: a slower, older render must not rename over a newer one.
+        self._lock = threading.Lock()
+
+    @property
+    def worklist_html(self) -> Path:
+        """The rendered worklist page."""
+        return self.out_dir / "worklist.html"
+
+    @property
+    def worklist_json(self) -> Path:
+        """The rendered worklist, as JSON in the page's order."""
+        return self.out_dir / "worklist.json"
+
+    def _banner(self) -> dict[str, Any]:
+        return {"alerts": active_alerts(self.store), "model": self.model}
+
+    def render_worklist(self) -> list[Placed]:
+        """Render the worklist page and its JSON, then rename both into place; return the rows."""
+        with self._lock:
+            now = self.clock()
+            placed = arrange(load_rows(self.store), now, self.model.thresholds,
+                             self.cfg.routine_max_wait_min)
+            html = self.env.get_template("worklist.html").render(
+                bands=bands(placed, self.model.thresholds), n=len(placed), now=now,
+                refresh_s=self.cfg.refresh_s, max_wait_min=self.cfg.routine_max_wait_min,
+                **self._banner())
+            doc = {"rendered_at": now, "model": self.model.version,
+                   "studies": [to_json(p) for p in placed]}
+            write_atomic(self.worklist_json, json.dumps(doc, indent=1))
+            write_atomic(self.worklist_html, html)
+        log.debug("worklist rendered: %d active studies", len(placed))
+        return placed
+
+    def mark_reported(self, study_id: int, reported: bool = True) -> bool:
+        """Mark a study reported (it moves to history) or unread again, then re-render at once.
+
+        Returns False when there is no such study.
+        """
+        if not self.store.mark_reported(study_id, reported):
+            return False
+        self.render_worklist()
+        return True
+
+    def study_page(self, study_id: int) -> str | None:
+        """Return the study page's HTML, or None when there is no such study."""
+        detail = study_detail(self.store, study_id)
+        if detail is None:
+            return None
+        return self.env.get_template("study.html").render(now=self.clock(), **detail,
+                                                          **self._banner())
+
+    def history_page(self, query: str = "") -> str:
+        """Return the history page's HTML: reported studies, newest report first, searchable."""
+        query = query.strip()[:64]
+        rows = load_rows(self.store, reported=True, accession=query or None, limit=HISTORY_LIMIT)
+        return self.env.get_template("history.html").render(
+            rows=rows, query=query, limit=HISTORY_LIMIT, now=self.clock(), **self._banner())
