@@ -224,6 +224,11 @@ class PreprocessConfig:
     aug_scale: float = 0.12
     aug_brightness: float = 0.1
     aug_contrast: float = 0.25
+    aug_gamma: tuple[float, ...] = (0.8, 1.25)
+    aug_crop_scale: tuple[float, ...] = (1.0, 1.0)
+    aug_crop_ratio: tuple[float, ...] = (0.75, 1.3333)
+    aug_flip: float = 0.0
+    train_cache_px: int = 0
     min_size_px: int = 128
     allowed_modalities: tuple[str, ...] = ("CR", "DX", "SC")
 
@@ -237,6 +242,15 @@ class PreprocessConfig:
         _check(0 < self.clahe_clip_limit <= 1, "preprocess.clahe_clip_limit", "must be in (0, 1]")
         _check(self.std > 0, "preprocess.std", "must be > 0")
         _check(self.min_size_px >= 1, "preprocess.min_size_px", "must be >= 1")
+        g, cs, cr = self.aug_gamma, self.aug_crop_scale, self.aug_crop_ratio
+        _check(len(g) == 2 and 0 < g[0] <= g[1], "preprocess.aug_gamma",
+               "must be [low, high] with 0 < low <= high")
+        _check(len(cs) == 2 and 0 < cs[0] <= cs[1] <= 1, "preprocess.aug_crop_scale",
+               "must be [low, high] area fractions with 0 < low <= high <= 1")
+        _check(len(cr) == 2 and 0 < cr[0] <= cr[1], "preprocess.aug_crop_ratio",
+               "must be [low, high] aspect ratios with 0 < low <= high")
+        _check(0 <= self.aug_flip <= 1, "preprocess.aug_flip", "must be a probability in [0, 1]")
+        _check(self.train_cache_px >= 0, "preprocess.train_cache_px", "must be >= 0")
         for name in ("aug_rotate_deg", "aug_translate", "aug_scale", "aug_brightness",
                      "aug_contrast"):
             _check(getattr(self, name) >= 0, f"preprocess.{name}", "must be >= 0")
@@ -261,6 +275,8 @@ class TrainConfig:
     seed: int = 42
     threads: int = 2
     channels_last: bool = True
+    loader_workers: int = 1
+    label_smoothing: float = 0.0
 
     def __post_init__(self) -> None:
         _check(16 <= self.input_size <= 1024, "train.input_size", "must be in 16..1024")
@@ -275,6 +291,8 @@ class TrainConfig:
         _check(self.class_weighting in ("balanced", "none"), "train.class_weighting",
                "must be balanced or none")
         _check(self.threads >= 1, "train.threads", "must be >= 1")
+        _check(0 <= self.loader_workers <= 16, "train.loader_workers", "must be 0..16")
+        _check(0 <= self.label_smoothing < 0.5, "train.label_smoothing", "must be in [0, 0.5)")
 
 
 @dataclass(frozen=True)

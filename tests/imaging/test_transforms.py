@@ -127,3 +127,32 @@ def test_box_reduce_keeps_small_images_and_matches_the_full_resize_on_large_ones
     via = np.asarray(resize(reduced))[0]
     assert np.corrcoef(direct.ravel(), via.ravel())[0, 1] > 0.999
     assert np.abs(direct - via).mean() < 0.01
+
+
+def test_a_seeded_training_chain_draws_the_same_augmentations_every_time() -> None:
+    cfg = PreprocessConfig(min_size_px=32, aug_crop_scale=(0.3, 1.0), train_cache_px=80)
+    img = np.random.default_rng(0).random((100, 100)).astype(np.float32)
+    draws = []
+    for _ in range(2):
+        chain = build_transforms(cfg, InputSpec(64), train=True)
+        chain.set_random_state(seed=5)
+        prefix, rest = split_cached(chain)
+        x = prefix(img)
+        draws.append([np.asarray(rest(x)) for _ in range(3)])
+    for a, b in zip(*draws, strict=True):
+        np.testing.assert_array_equal(a, b)
+    assert not np.array_equal(draws[0][0], draws[0][1])  # and they do vary
+
+
+def test_random_resized_crop_covers_the_asked_area_and_resizes() -> None:
+    from triage.imaging.transforms import RandResizedCrop
+
+    t = RandResizedCrop(32, (0.2, 0.5), (0.75, 1.3333))
+    t.set_random_state(seed=1)
+    img = np.random.default_rng(1).random((1, 100, 120)).astype(np.float32)
+    for _ in range(50):
+        out = t(img)
+        assert tuple(out.shape) == (1, 32, 32)
+        _, _, ch, cw = t._box  # type: ignore[misc]
+        assert 0.2 * 0.8 <= ch * cw / (100 * 120) <= 0.5 * 1.2  # rounding of the sides
+        assert 0.75 * 0.9 <= cw / ch <= 1.3333 * 1.1

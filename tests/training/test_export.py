@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -86,3 +87,16 @@ def test_choose_variant() -> None:
     assert export.choose_variant(0.990, 0.987) == "int8"
     assert export.choose_variant(0.990, 0.980) == "fp32"
     assert export.choose_variant(0.990, None) == "fp32"
+
+
+def test_flip_averaging_is_baked_into_the_graph(tmp_path: Path) -> None:
+    m = tiny_model()
+    model, _ = train.load_checkpoint(m.checkpoint)
+    net = export.ExportNet(model, 1.5, 0.2, tta="flip").eval()
+    path = export.export_fp32(net, SIZE, tmp_path / "tta.onnx")
+    x = _inputs(3)
+    out = export.run_session(export.onnx_session(path), x)
+    with torch.no_grad():
+        t = torch.as_tensor(x)
+        z = (model(t)[:, 0] + model(torch.flip(t, dims=(3,)))[:, 0]) / 2
+    np.testing.assert_allclose(out["logit"], ((z - 0.2) / 1.5).numpy(), rtol=1e-4, atol=1e-4)

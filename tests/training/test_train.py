@@ -109,3 +109,57 @@ def test_dicom_archive_with_labels_csv(tmp_path: Path) -> None:
 def test_write_dataset_is_balanced(tmp_path: Path) -> None:
     samples = train.read_manifest(write_dataset(tmp_path, 8, 4))
     assert sum(s.label for s in samples) == 6 and len(samples) == 12
+
+
+def _weights(path: Path) -> dict[str, torch.Tensor]:
+    return torch.load(path, weights_only=False)["state_dict"]
+
+
+def test_resume_continues_a_run_cut_mid_plan_exactly(tmp_path: Path) -> None:
+    m = tiny_model()
+    samples = train.read_manifest(m.manifest)
+    pre = PreprocessConfig(min_size_px=32, aug_crop_scale=(0.3, 1.0), train_cache_px=SIZE + 16)
+    cfg = TrainConfig(input_size=SIZE, width_mult=0.35, epochs=3, batch_size=16, patience=9,
+                      loader_workers=0, seed=5)
+    straight = train.train(samples, tmp_path / "straight", cfg, pre, max_steps=2)
+
+    class Stop(Exception):
+        pass
+
+    cut = tmp_path / "cut"
+    original = train._run_epoch
+    calls = {"n": 0}
+
+    def run_two_then_die(*args, **kwargs):  # type: ignore[no-untyped-def]
+        calls["n"] += 1
+        if calls["n"] == 3:
+            raise Stop  # the process dies during epoch 3
+        return original(*args, **kwargs)
+
+    train._run_epoch = run_two_then_die
+    try:
+        with pytest.raises(Stop):
+            train.train(samples, cut, cfg, pre, max_steps=2)
+    finally:
+        train._run_epoch = original
+    resumed = train.train(samples, cut, cfg, pre, max_steps=2, resume=True)
+    assert [r["epoch"] for r in resumed.history] == [1, 2, 3]
+    for k, v in _weights(straight.last_checkpoint).items():
+        torch.testing.assert_close(_weights(resumed.last_checkpoint)[k], v, msg=k)
+
+
+def test_resume_without_a_state_is_a_clear_error(tmp_path: Path) -> None:
+    m = tiny_model()
+    cfg = TrainConfig(input_size=SIZE, width_mult=0.35, epochs=1, batch_size=16, loader_workers=0)
+    with pytest.raises(InputError, match="nothing to resume"):
+        train.train(train.read_manifest(m.manifest), tmp_path / "none", cfg,
+                    PreprocessConfig(min_size_px=32), max_steps=1, resume=True)
+
+
+def test_smoothed_loss_reduces_to_weighted_bce_and_pulls_targets_in() -> None:
+    z, y = torch.tensor([2.0, -1.0, 0.5]), torch.tensor([1.0, 0.0, 1.0])
+    plain = torch.nn.BCEWithLogitsLoss(pos_weight=torch.tensor(3.0))(z, y)
+    torch.testing.assert_close(train.SmoothedBCE(3.0, 0.0)(z, y), plain)
+    smooth = train.SmoothedBCE(1.0, 0.2)(z, y)
+    targets = torch.tensor([0.9, 0.1, 0.9])
+    torch.testing.assert_close(smooth, torch.nn.functional.binary_cross_entropy_with_logits(z, targets))

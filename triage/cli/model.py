@@ -39,11 +39,66 @@ def _train(args: argparse.Namespace) -> int:
     setup_logging(cfg.logging.level)
     tcfg = _train_cfg(cfg, args)
     samples = train.read_manifest(args.manifest, args.data)
+    split = _split_record(args.manifest)
     result = train.train(samples, args.out, tcfg, cfg.preprocess, init=args.init,
                          manifest_sha256=train.file_sha256(args.manifest),
-                         max_steps=args.max_steps)
+                         max_steps=args.max_steps, resume=args.resume,
+                         extra_meta={"split": split} if split else None)
     log.info("best epoch %d -> %s", result.best_epoch, result.best_checkpoint)
     return 0
+
+
+def _split_record(manifest: str) -> dict[str, Any] | None:
+    """Return the record ``triage split`` wrote beside a split manifest, if there is one."""
+    import json
+    from pathlib import Path
+
+    sidecar = Path(manifest).with_suffix(".json")
+    if not sidecar.is_file():
+        return None
+    try:
+        return dict(json.loads(sidecar.read_text()))
+    except (OSError, ValueError):
+        return None
+
+
+def _split(args: argparse.Namespace) -> int:
+    import json
+    from pathlib import Path
+
+    from triage.files import write_atomic
+    from triage.training import splits
+    from triage.training.train import file_sha256
+
+    cfg = load_config(args)
+    setup_logging(cfg.logging.level)
+    out = Path(args.out)
+    summary = splits.write_split(Path(args.manifest), out, args.seed, args.val, args.holdout)
+    record = splits.split_record(summary, args.seed, file_sha256(args.manifest),
+                                 {"val": args.val, "holdout": args.holdout})
+    record["split_manifest_sha256"] = file_sha256(out)
+    write_atomic(out.with_suffix(".json"), json.dumps(record, indent=2), mode=0o644)
+    for part in splits.SPLITS:
+        log.info("%s: %d images (%d positive) from %d patients", part, summary.images[part],
+                 summary.positives[part], summary.patients[part])
+    log.info("wrote %s and %s", out, out.with_suffix(".json"))
+    return 0
+
+
+def _add_split(sub: SubParsers) -> None:
+    p = sub.add_parser("split", help="split a labelled manifest by patient: train, val, holdout",
+                       description="Pool every row of a path,label[,split,sha256,patient] CSV and "
+                                   "split it again so that no patient crosses parts, stratified "
+                                   "by label, with a fixed seed. Writes the new CSV and a JSON "
+                                   "record beside it that `triage train` copies into the card.")
+    config_args(p)
+    p.add_argument("--manifest", metavar="CSV", required=True, help="the labelled manifest")
+    p.add_argument("--out", metavar="CSV", required=True, help="the split manifest to write")
+    p.add_argument("--seed", type=int, default=20261123, help="split seed (default 20261123)")
+    p.add_argument("--val", type=float, default=0.15, help="validation fraction (default 0.15)")
+    p.add_argument("--holdout", type=float, default=0.15,
+                   help="hold-out fraction for the final report (default 0.15)")
+    p.set_defaults(func=_split)
 
 
 def _add_train(sub: SubParsers) -> None:
@@ -62,6 +117,8 @@ def _add_train(sub: SubParsers) -> None:
     p.add_argument("--width-mult", type=float, metavar="X", help="override train.width_mult")
     p.add_argument("--threads", type=int, metavar="N", help="override train.threads")
     p.add_argument("--max-steps", type=int, metavar="N", help="cap optimiser steps per epoch")
+    p.add_argument("--resume", action="store_true",
+                   help="continue the run in --out after its last finished epoch")
     p.set_defaults(func=_train)
 
 
@@ -77,7 +134,8 @@ def _calibrate(args: argparse.Namespace) -> int:
     out = args.out or str(_run_dir(args.checkpoint) / "calibration.json")
     png = args.png or str(_run_dir(args.checkpoint) / "reliability.png")
     cal = calibrate.run(args.checkpoint, train.read_manifest(args.manifest, args.data),
-                        args.split, ccfg, out, png)
+                        args.split, ccfg, out, png, tta=args.tta,
+                        check_robustness=args.robustness)
     log.info("temperature %.3f; %s AUC %.4f; ECE %.4f -> %.4f", cal.temperature, args.split,
              cal.auc, cal.ece_before, cal.ece)
     for p in cal.points:
@@ -108,6 +166,10 @@ def _add_calibrate(sub: SubParsers) -> None:
                    help="thresholds whose interval lower bound meets each target")
     p.add_argument("--out", metavar="JSON", help="report (default: calibration.json beside the checkpoint)")
     p.add_argument("--png", metavar="PNG", help="reliability diagram (default: reliability.png beside it)")
+    p.add_argument("--tta", choices=("none", "flip"), default="none",
+                   help="test-time averaging over left-right mirrors (export bakes it in)")
+    p.add_argument("--robustness", action="store_true",
+                   help="also report the AUC under fixed exposure, framing and resolution changes")
     p.set_defaults(func=_calibrate)
 
 
@@ -144,7 +206,8 @@ def _add_export(sub: SubParsers) -> None:
 
 
 def add(sub: SubParsers) -> None:
-    """Add ``train``, ``calibrate`` and ``export``."""
+    """Add ``split``, ``train``, ``calibrate`` and ``export``."""
+    _add_split(sub)
     _add_train(sub)
     _add_calibrate(sub)
     _add_export(sub)

@@ -139,6 +139,44 @@ class Clahe(Transform):
         return clahe(arr[0], self.tiles, self.clip_limit)[None]
 
 
+class RandResizedCrop(Randomizable, Transform):
+    """Crop a random area fraction and aspect ratio of a (C, H, W) image, then resize it.
+
+    The crop covers ``scale`` (low, high) of the image's area at an aspect ratio
+    drawn log-uniformly from ``ratio``, placed uniformly; after ten tries that
+    do not fit, the whole image is used. The crop is then resized (bilinear,
+    anti-aliased) to ``size`` squared, so training sees parts of the chest at
+    many magnifications (the augmentation of Szegedy et al., 2015, common to
+    ImageNet recipes).
+    """
+
+    def __init__(self, size: int, scale: tuple[float, float], ratio: tuple[float, float]) -> None:
+        self.size, self.scale, self.ratio = size, scale, ratio
+        self._resize = Resize((size, size), mode="bilinear", anti_aliasing=True)
+        self._box: tuple[int, int, int, int] | None = None
+
+    def randomize(self, data: Any = None) -> None:
+        """Choose the crop box for an image of shape ``data`` (H, W)."""
+        h, w = data
+        area = h * w
+        for _ in range(10):
+            target = area * self.R.uniform(*self.scale)
+            aspect = math.exp(self.R.uniform(math.log(self.ratio[0]), math.log(self.ratio[1])))
+            cw, ch = round(math.sqrt(target * aspect)), round(math.sqrt(target / aspect))
+            if 0 < cw <= w and 0 < ch <= h:
+                y, x = int(self.R.randint(0, h - ch + 1)), int(self.R.randint(0, w - cw + 1))
+                self._box = (y, x, ch, cw)
+                return
+        self._box = (0, 0, h, w)
+
+    def __call__(self, img: Any) -> Any:
+        """Return a random crop of ``img`` resized to ``size`` squared."""
+        self.randomize(tuple(img.shape[-2:]))
+        assert self._box is not None
+        y, x, ch, cw = self._box
+        return self._resize(img[..., y:y + ch, x:x + cw])
+
+
 def _equaliser(cfg: PreprocessConfig) -> list[Transform]:
     """Return the optional equalisation step named by ``cfg.equalization``."""
     if cfg.equalization == "histogram":
@@ -148,9 +186,29 @@ def _equaliser(cfg: PreprocessConfig) -> list[Transform]:
     return []
 
 
+def crops(cfg: PreprocessConfig) -> bool:
+    """True when training crops at random scales (``aug_crop_scale`` below 1)."""
+    return cfg.aug_crop_scale[0] < 1.0
+
+
+def cache_size(cfg: PreprocessConfig, spec: InputSpec) -> int:
+    """Return the side training caches images at: the input size, or larger when cropping."""
+    return max(spec.size, cfg.train_cache_px) if crops(cfg) else spec.size
+
+
 def _augmentations(cfg: PreprocessConfig, size: int) -> list[Transform]:
-    """Return the training-only random transforms: geometry, then intensity."""
+    """Return the training-only random transforms: crop, flip, geometry, then intensity."""
+    from monai.transforms import RandFlip
+
+    lo, hi = cfg.aug_crop_scale
+    first: list[Transform] = []
+    if crops(cfg):
+        first.append(RandResizedCrop(size, (lo, hi),
+                                     (cfg.aug_crop_ratio[0], cfg.aug_crop_ratio[1])))
+    if cfg.aug_flip > 0:
+        first.append(RandFlip(prob=cfg.aug_flip, spatial_axis=1))
     return [
+        *first,
         RandAffine(
             prob=0.9,
             rotate_range=math.radians(cfg.aug_rotate_deg),
@@ -160,7 +218,8 @@ def _augmentations(cfg: PreprocessConfig, size: int) -> list[Transform]:
         ),
         RandScaleIntensityFixedMean(prob=0.8, factors=cfg.aug_contrast),
         RandShiftIntensity(prob=0.8, offsets=cfg.aug_brightness),
-        RandAdjustContrast(prob=0.3, gamma=(0.8, 1.25)),
+        RandAdjustContrast(prob=0.3 if cfg.aug_gamma == (0.8, 1.25) else 0.5,
+                           gamma=(cfg.aug_gamma[0], cfg.aug_gamma[1])),
     ]
 
 
@@ -171,16 +230,19 @@ def build_transforms(cfg: PreprocessConfig, spec: InputSpec, train: bool = False
     :func:`box_reduce`), percentile window to [0, 1] (per-image
     intensity normalisation), optional histogram equalisation or CLAHE, resize
     with anti-aliasing to ``spec.size`` squared. With ``train`` the random
-    augmentations follow. Last: normalise with the fixed mean/std and return a
+    augmentations follow; when they crop at random scales the deterministic
+    part resizes to :func:`cache_size` instead and the crop brings the image to
+    ``spec.size``. Last: normalise with the fixed mean/std and return a
     float32 tensor (channels, size, size). Raises nothing at build time.
     """
     lo, hi = cfg.window_percentiles
+    side = cache_size(cfg, spec) if train else spec.size
     steps: list[Transform] = [
         EnsureChannelFirst(channel_dim="no_channel"),
         BoxReduce(spec.size),
         ScaleIntensityRangePercentiles(lo, hi, b_min=0.0, b_max=1.0, clip=True),
         *_equaliser(cfg),
-        Resize((spec.size, spec.size), mode="bilinear", anti_aliasing=True),
+        Resize((side, side), mode="bilinear", anti_aliasing=True),
     ]
     if train:
         steps += _augmentations(cfg, spec.size)
@@ -216,10 +278,17 @@ def split_cached(chain: Compose) -> tuple[Compose, Compose]:
     """Split ``chain`` before its first random transform.
 
     Returns (deterministic prefix, rest); the prefix's output may be cached.
+    A new MONAI ``Compose`` re-seeds its members from MONAI's global seed (by
+    default from the operating system), which would make a seeded training run
+    draw different augmentations every time; ``rest`` is therefore re-seeded
+    from ``chain``'s own random state.
     """
     ts = list(chain.transforms)
     cut = next((i for i, t in enumerate(ts) if isinstance(t, Randomizable)), None)
     if cut is None:
         # Cache up to the final normalisation so eval and train caches agree.
         cut = next(i for i, t in enumerate(ts) if isinstance(t, NormalizeIntensity))
-    return Compose(ts[:cut]), Compose(ts[cut:])
+    seed = int(chain.R.randint(2**32 - 1, dtype="uint32"))
+    prefix, rest = Compose(ts[:cut]), Compose(ts[cut:])
+    rest.set_random_state(seed=seed)
+    return prefix, rest

@@ -15,7 +15,7 @@ from __future__ import annotations
 import json
 import logging
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -24,6 +24,7 @@ import numpy as np
 
 from triage.config import CalibrationConfig, OperatingPointConfig
 from triage.core import metrics
+from triage.files import write_atomic
 
 log = logging.getLogger(__name__)
 
@@ -160,11 +161,13 @@ def reliability_png(rel: metrics.Reliability, path: str | Path, title: str = "")
     return out
 
 
-def split_logits(checkpoint: str | Path, samples: Sequence[Any], split: str
+def split_logits(checkpoint: str | Path, samples: Sequence[Any], split: str, tta: str = "none",
+                 perturb: Callable[[np.ndarray], np.ndarray] | None = None
                  ) -> tuple[np.ndarray, np.ndarray, dict[str, Any]]:
     """Score one split with a checkpoint through its own preprocessing chain.
 
-    Returns (logits, labels, checkpoint metadata). Raises InputError.
+    ``perturb`` changes each decoded grey image before the chain (robustness
+    checks). Returns (logits, labels, checkpoint metadata). Raises InputError.
     """
     from triage.core.errors import InputError
     from triage.imaging.transforms import InputSpec, build_transforms, preprocess_of, split_cached
@@ -176,21 +179,51 @@ def split_logits(checkpoint: str | Path, samples: Sequence[Any], split: str
         raise InputError(f"no samples in split {split!r}")
     pre = preprocess_of(meta)
     prefix, rest = split_cached(build_transforms(pre, InputSpec.from_dict(meta["input"])))
-    images, labels = train.cache_images(chosen, prefix, pre, f"cache {split}")
-    return train.predict_logits(model, images, rest), labels, meta
+    first: Callable[[Any], Any] = prefix if perturb is None else (lambda g: prefix(perturb(g)))
+    images, labels = train.cache_images(chosen, first, pre, f"cache {split}")
+    return train.predict_logits(model, images, rest, tta=tta), labels, meta
+
+
+def robustness(checkpoint: str | Path, samples: Sequence[Any], split: str, tta: str = "none",
+               ) -> dict[str, float]:
+    """Return the AUC on ``split`` under each fixed perturbation and over all of them pooled.
+
+    A check of what generalises that the validation images alone cannot give:
+    the perturbations (:data:`triage.training.robustness.PERTURBATIONS`) mimic
+    exposure, contrast, framing and resolution differing between sites.
+    """
+    from triage.training.robustness import PERTURBATIONS
+
+    out: dict[str, float] = {}
+    pooled_z, pooled_y = [], []
+    for name, fn in PERTURBATIONS.items():
+        z, y, _ = split_logits(checkpoint, samples, split, tta, fn)
+        out[name] = metrics.auc(y, z)
+        pooled_z.append(z)
+        pooled_y.append(y)
+    out["pooled"] = metrics.auc(np.concatenate(pooled_y), np.concatenate(pooled_z))
+    return out
 
 
 def run(checkpoint: str | Path, samples: Sequence[Any], split: str, cfg: CalibrationConfig,
-        out_json: str | Path, out_png: str | Path | None = None) -> Calibration:
+        out_json: str | Path, out_png: str | Path | None = None, tta: str = "none",
+        check_robustness: bool = False, bootstrap: int = 1000) -> Calibration:
     """Calibrate ``checkpoint`` on ``split`` and write the JSON report (and PNG).
 
-    Returns the :class:`Calibration`. Raises InputError on unusable inputs.
+    ``tta`` is recorded, and ``triage export`` bakes the same averaging into the
+    graph. The report carries a bootstrap interval of the AUC and, with
+    ``check_robustness``, the AUC under fixed perturbations. Returns the
+    :class:`Calibration`. Raises InputError on unusable inputs.
     """
-    logits, labels, meta = split_logits(checkpoint, samples, split)
+    logits, labels, meta = split_logits(checkpoint, samples, split, tta)
     cal = calibrate_logits(logits, labels, float(meta.get("prior_shift", 0.0)), cfg)
-    report = {"checkpoint": str(checkpoint), "split": split, "config": asdict(cfg), **cal.to_dict()}
-    Path(out_json).parent.mkdir(parents=True, exist_ok=True)
-    Path(out_json).write_text(json.dumps(report, indent=2))
+    report = {"checkpoint": str(checkpoint), "split": split, "config": asdict(cfg), "tta": tta,
+              **cal.to_dict(),
+              "auc_ci_bootstrap": list(metrics.bootstrap_auc(labels, logits, bootstrap, 0,
+                                                             cfg.confidence))}
+    if check_robustness:
+        report["robustness_auc"] = robustness(checkpoint, samples, split, tta)
+    write_atomic(out_json, json.dumps(report, indent=2, allow_nan=False), mode=0o644)
     if out_png is not None:
         reliability_png(cal.reliability, out_png)
     return cal

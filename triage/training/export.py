@@ -44,20 +44,36 @@ INT8_AUC_TOLERANCE = 0.005
 class ExportNet(nn.Module):
     """MobileNetV2 with the calibration baked in and the CAM as a second output."""
 
-    def __init__(self, model: Any, temperature: float = 1.0, prior_shift: float = 0.0) -> None:
+    def __init__(self, model: Any, temperature: float = 1.0, prior_shift: float = 0.0,
+                 tta: str = "none") -> None:
         super().__init__()
         self.body: nn.Module = model.features
         self.head: nn.Linear = model.classifier[-1]
+        self.tta = tta
+        self.temperature: torch.Tensor
+        self.prior_shift: torch.Tensor
         self.register_buffer("temperature", torch.tensor(float(temperature)))
         self.register_buffer("prior_shift", torch.tensor(float(prior_shift)))
 
-    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """Return (probability, calibrated logit, Grad-CAM map) for a batch."""
+    def _logit_cam(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         f = self.body(x)
         logit = self.head(f.mean(dim=(2, 3)))[:, 0]
-        z = (logit - self.prior_shift) / self.temperature
         w = self.head.weight[0].view(1, -1, 1, 1)
         cam = torch.relu((f * w).sum(dim=1)) / float(f.shape[2] * f.shape[3])
+        return logit, cam
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Return (probability, calibrated logit, Grad-CAM map) for a batch.
+
+        With ``tta="flip"`` the logit is the mean over the image and its mirror,
+        and the map the mean of both maps (the mirror's flipped back).
+        """
+        logit, cam = self._logit_cam(x)
+        if self.tta == "flip":
+            logit_m, cam_m = self._logit_cam(torch.flip(x, dims=(3,)))
+            logit = (logit + logit_m) / 2
+            cam = (cam + torch.flip(cam_m, dims=(2,))) / 2
+        z = (logit - self.prior_shift) / self.temperature
         return torch.sigmoid(z), z, cam
 
 
@@ -167,7 +183,9 @@ def build_card(meta: dict[str, Any], cal: dict[str, Any], shipped: dict[str, Any
                    "ReLU(sum_k w_k F_k) / (h w); upsample bilinearly and min-max normalise",
         },
         "gradcam": {"target_layer": "features", "feature_shape": list(feature_shape)},
+        "test_time_augmentation": cal.get("tta", "none"),
         "preprocess": meta["preprocess"],
+        "split": meta.get("split"),
         "training": {"manifest_sha256": meta.get("manifest_sha256", ""),
                      "counts": meta.get("counts", {}), "config": meta.get("train_config", {}),
                      "best_epoch": meta.get("epoch"), "pos_weight": meta.get("pos_weight"),
@@ -247,7 +265,7 @@ def run(checkpoint: str | Path, calibration_json: str | Path, samples: Sequence[
         cal = json.loads(Path(calibration_json).read_text())
     except (OSError, ValueError) as e:
         raise InputError(f"cannot read calibration {calibration_json}: {e}") from e
-    net = ExportNet(model, cal["temperature"], cal["prior_shift"]).eval()
+    net = ExportNet(model, cal["temperature"], cal["prior_shift"], cal.get("tta", "none")).eval()
     work = Path(work_dir)
     size = int(meta["input"]["size"])
     paths = {"fp32": export_fp32(net, size, work / f"{name}.fp32.onnx")}

@@ -206,9 +206,17 @@ class CachedDataset(torch.utils.data.Dataset):  # type: ignore[type-arg]
         return x, torch.tensor(float(self.labels[i]))
 
 
+TTA_MODES = ("none", "flip")
+
+
 def predict_logits(model: nn.Module, images: torch.Tensor, rest: Callable[[Any], Any],
-                   batch_size: int = 64, channels_last: bool = True) -> np.ndarray:
-    """Return the model's logits for cached images passed through ``rest`` (no augmentation)."""
+                   batch_size: int = 64, channels_last: bool = True,
+                   tta: str = "none") -> np.ndarray:
+    """Return the model's logits for cached images passed through ``rest`` (no augmentation).
+
+    ``tta="flip"`` averages the logits of each image and its left-right mirror
+    (what an export with the same setting computes inside its graph).
+    """
     model.eval()
     out = []
     with torch.inference_mode():
@@ -216,7 +224,10 @@ def predict_logits(model: nn.Module, images: torch.Tensor, rest: Callable[[Any],
             x = torch.stack([torch.as_tensor(rest(im)).float() for im in images[i:i + batch_size]])
             if channels_last:
                 x = x.contiguous(memory_format=torch.channels_last)
-            out.append(model(x).reshape(-1).float().numpy())
+            z = model(x).reshape(-1).float()
+            if tta == "flip":
+                z = (z + model(torch.flip(x, dims=(3,))).reshape(-1).float()) / 2
+            out.append(z.numpy())
     return np.concatenate(out) if out else np.zeros(0, dtype=np.float32)
 
 
@@ -312,7 +323,8 @@ def train(samples: Sequence[Sample], out_dir: str | Path, cfg: TrainConfig,
           pre_cfg: PreprocessConfig, init: str | Path | None = None,
           manifest_sha256: str = "", max_steps: int | None = None,
           model_factory: Callable[[int], nn.Module] | None = None,
-          arch: dict[str, Any] | None = None) -> TrainResult:
+          arch: dict[str, Any] | None = None, resume: bool = False,
+          extra_meta: dict[str, Any] | None = None) -> TrainResult:
     """Train, validate every epoch, early-stop on validation loss; write checkpoints.
 
     Writes ``last.pt`` (every epoch), ``best.pt`` (lowest validation loss, the
@@ -321,7 +333,11 @@ def train(samples: Sequence[Sample], out_dir: str | Path, cfg: TrainConfig,
     ``model_factory(in_channels)`` replaces the shipped MobileNetV2 (used by
     ``triage benchmark``; such checkpoints are not loadable by
     :func:`load_checkpoint`) and ``arch`` is then recorded as the checkpoint's
-    ``arch``. Returns a :class:`TrainResult`. Raises InputError on unusable data.
+    ``arch``. With ``resume`` a run continues after the last finished epoch
+    recorded in ``state.pt`` (weights, average, optimiser, schedule, early-stopping
+    state and random states). ``extra_meta`` is recorded in the checkpoints (and
+    so in the model card). Returns a :class:`TrainResult`. Raises InputError on
+    unusable data.
     """
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
@@ -331,13 +347,13 @@ def train(samples: Sequence[Sample], out_dir: str | Path, cfg: TrainConfig,
     train_chain = build_transforms(pre_cfg, spec, train=True)
     train_chain.set_random_state(seed=cfg.seed)
     prefix, train_rest = split_cached(train_chain)
-    _, eval_rest = split_cached(build_transforms(pre_cfg, spec, train=False))
+    eval_prefix, eval_rest = split_cached(build_transforms(pre_cfg, spec, train=False))
     tr = [s for s in samples if s.split == "train"]
     va = [s for s in samples if s.split == "val"]
     if not tr or not va:
         raise InputError(f"need train and val samples (got {len(tr)} train, {len(va)} val)")
     x_tr, y_tr = cache_images(tr, prefix, pre_cfg, "cache train")
-    x_va, y_va = cache_images(va, prefix, pre_cfg, "cache val")
+    x_va, y_va = cache_images(va, eval_prefix, pre_cfg, "cache val")
     w = pos_weight(list(y_tr), cfg.class_weighting)
     prior_shift = math.log(w)
     log.info("train %d (%d positive), val %d (%d positive); pos_weight %.3f",
@@ -350,15 +366,13 @@ def train(samples: Sequence[Sample], out_dir: str | Path, cfg: TrainConfig,
     if cfg.channels_last:
         model = model.to(memory_format=torch.channels_last)  # type: ignore[call-overload]
     ema = _ema_model(model, cfg.ema_decay)
-    loader = torch.utils.data.DataLoader(CachedDataset(x_tr, y_tr, train_rest),
-                                         batch_size=cfg.batch_size, shuffle=True,
-                                         generator=gen, drop_last=len(y_tr) > cfg.batch_size)
+    loader = _loader(CachedDataset(x_tr, y_tr, train_rest), cfg, gen, len(y_tr))
     steps = len(loader) if max_steps is None else min(len(loader), max_steps)
     opt = _make_optimizer(model, cfg)
     total = steps * cfg.epochs
     warm = int(cfg.warmup_epochs * steps)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: lr_factor(s, total, warm))
-    loss_fn = nn.BCEWithLogitsLoss(pos_weight=torch.tensor(w))
+    loss_fn = SmoothedBCE(w, cfg.label_smoothing)
     meta = {
         "arch": arch or {"name": "mobilenet_v2", "width_mult": cfg.width_mult,
                          "dropout": cfg.dropout, "in_channels": spec.channels, "outputs": 1},
@@ -371,10 +385,50 @@ def train(samples: Sequence[Sample], out_dir: str | Path, cfg: TrainConfig,
         "init": str(init) if init else None,
         "counts": {"train": len(y_tr), "train_pos": int(y_tr.sum()),
                    "val": len(y_va), "val_pos": int(y_va.sum())},
+        **(extra_meta or {}),
     }
     loader_iter: Any = loader if max_steps is None else _Capped(loader, steps)
-    return _fit(model, ema, loader_iter, opt, sched, loss_fn, cfg, out, meta,
-                x_va, y_va, eval_rest, prior_shift)
+    run = _Run(model, ema, opt, sched, gen, train_rest)
+    if resume:
+        run.restore(out / STATE_NAME)
+    return _fit(run, loader_iter, loss_fn, cfg, out, meta, x_va, y_va, eval_rest, prior_shift)
+
+
+def _loader(dataset: CachedDataset, cfg: TrainConfig, gen: torch.Generator,
+            n: int) -> torch.utils.data.DataLoader:  # type: ignore[type-arg]
+    """Return the shuffled training loader; augmentation runs in ``loader_workers`` processes.
+
+    Persistent workers keep their random state from epoch to epoch (a fresh
+    worker each epoch would replay the same augmentations); MONAI's
+    ``worker_init_fn`` seeds each worker's transforms from the loader's seed.
+    """
+    from monai.data.utils import worker_init_fn
+
+    workers = cfg.loader_workers
+    return torch.utils.data.DataLoader(
+        dataset, batch_size=cfg.batch_size, shuffle=True, generator=gen,
+        drop_last=n > cfg.batch_size, num_workers=workers, persistent_workers=workers > 0,
+        worker_init_fn=worker_init_fn if workers > 0 else None)
+
+
+class SmoothedBCE(nn.Module):
+    """Class-weighted binary cross-entropy on logits, with optional label smoothing.
+
+    Smoothing pulls the targets to ``y (1 - e) + e / 2``, which keeps the
+    logits from growing without bound on an easy training set.
+    """
+
+    def __init__(self, pos_weight: float, smoothing: float = 0.0) -> None:
+        super().__init__()
+        self.pos_weight: torch.Tensor
+        self.register_buffer("pos_weight", torch.tensor(float(pos_weight)))
+        self.smoothing = smoothing
+
+    def forward(self, logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        """Return the mean loss of ``logits`` against 0/1 targets ``y``."""
+        t = y * (1 - self.smoothing) + 0.5 * self.smoothing
+        return nn.functional.binary_cross_entropy_with_logits(
+            logits, t, pos_weight=self.pos_weight)
 
 
 class _Capped:
@@ -393,40 +447,125 @@ class _Capped:
         return self.n
 
 
-def _fit(model: nn.Module, ema: Any, loader: Any, opt: torch.optim.Optimizer,
-         sched: Any, loss_fn: nn.Module, cfg: TrainConfig, out: Path, meta: dict[str, Any],
-         x_va: torch.Tensor, y_va: np.ndarray, eval_rest: Callable[[Any], Any],
-         prior_shift: float) -> TrainResult:
+STATE_NAME = "state.pt"
+
+
+@dataclass
+class _Run:
+    """Everything a training run carries from epoch to epoch, and can save and restore."""
+
+    model: nn.Module
+    ema: Any
+    opt: torch.optim.Optimizer
+    sched: Any
+    gen: torch.Generator
+    augment: Any = None  # the random part of the chain, when it runs in this process
+    epoch: int = 0
+    best_loss: float = math.inf
+    best_epoch: int = 0
+    stale: int = 0
+    history: list[dict[str, float]] | None = None
+
+    def _random_states(self) -> list[np.random.RandomState]:
+        """Every random state of the augmentation chain, in a fixed order.
+
+        MONAI transforms keep their own states, some nested (RandAffine's grid);
+        a resumed run must continue from all of them. With loader workers the
+        augmentation runs in their processes, whose state cannot be saved: a
+        resumed run is then equivalent, not identical.
+        """
+        found: list[np.random.RandomState] = []
+        seen: set[int] = set()
+
+        def walk(obj: Any, depth: int) -> None:
+            if id(obj) in seen or depth > 4:
+                return
+            seen.add(id(obj))
+            if isinstance(obj, np.random.RandomState):
+                found.append(obj)
+            elif isinstance(obj, (list, tuple)):
+                for item in obj:
+                    walk(item, depth + 1)
+            elif hasattr(obj, "__dict__") and type(obj).__module__.startswith(("monai", "triage")):
+                for key in sorted(vars(obj)):
+                    walk(vars(obj)[key], depth + 1)
+
+        walk(self.augment, 0)
+        return found
+
+    def save(self, path: Path) -> None:
+        """Write the resumable state (atomically: a crash mid-write keeps the previous one)."""
+        state = {"model": self.model.state_dict(), "opt": self.opt.state_dict(),
+                 "sched": self.sched.state_dict(),
+                 "ema": self.ema.state_dict() if self.ema is not None else None,
+                 "epoch": self.epoch, "best_loss": self.best_loss, "best_epoch": self.best_epoch,
+                 "stale": self.stale, "history": self.history or [],
+                 "rng": {"torch": torch.get_rng_state(), "numpy": np.random.get_state(),
+                         "python": random.getstate(), "loader": self.gen.get_state(),
+                         "augment": [r.get_state() for r in self._random_states()]}}
+        tmp = path.with_suffix(".tmp")
+        torch.save(state, tmp)
+        tmp.replace(path)
+
+    def restore(self, path: Path) -> None:
+        """Load a saved state. Raises InputError when there is none to resume."""
+        if not path.exists():
+            raise InputError(f"nothing to resume: {path} does not exist")
+        st = torch.load(path, map_location="cpu", weights_only=False)
+        self.model.load_state_dict(st["model"])
+        self.opt.load_state_dict(st["opt"])
+        self.sched.load_state_dict(st["sched"])
+        if self.ema is not None and st["ema"] is not None:
+            self.ema.load_state_dict(st["ema"])
+        self.epoch, self.best_loss = int(st["epoch"]), float(st["best_loss"])
+        self.best_epoch, self.stale = int(st["best_epoch"]), int(st["stale"])
+        self.history = list(st["history"])
+        torch.set_rng_state(st["rng"]["torch"])
+        np.random.set_state(st["rng"]["numpy"])
+        random.setstate(st["rng"]["python"])
+        self.gen.set_state(st["rng"]["loader"])
+        for r, state in zip(self._random_states(), st["rng"].get("augment", []), strict=False):
+            r.set_state(state)
+        log.info("resuming after epoch %d (best so far: epoch %d)", self.epoch, self.best_epoch)
+
+
+def _fit(run: _Run, loader: Any, loss_fn: nn.Module, cfg: TrainConfig, out: Path,
+         meta: dict[str, Any], x_va: torch.Tensor, y_va: np.ndarray,
+         eval_rest: Callable[[Any], Any], prior_shift: float) -> TrainResult:
     """The epoch loop: train, validate (the EMA model when enabled), checkpoint, early-stop."""
-    history: list[dict[str, float]] = []
-    best_loss, best_epoch, stale = math.inf, 0, 0
+    run.history = run.history or []
     hist_path = out / "history.jsonl"
-    hist_path.write_text("")
-    for epoch in range(1, cfg.epochs + 1):
+    hist_path.write_text("".join(json.dumps(r) + "\n" for r in run.history))
+    if run.stale >= cfg.patience:
+        log.info("this run had already stopped early after epoch %d", run.epoch)
+    for epoch in range(run.epoch + 1, cfg.epochs + 1):
+        if run.stale >= cfg.patience:
+            break
         t0 = time.monotonic()
-        train_loss = _run_epoch(model, ema, loader, opt, sched, loss_fn, cfg,
+        train_loss = _run_epoch(run.model, run.ema, loader, run.opt, run.sched, loss_fn, cfg,
                                 f"epoch {epoch}/{cfg.epochs}")
-        judged: nn.Module = ema.module if ema is not None else model
+        judged: nn.Module = run.ema.module if run.ema is not None else run.model
         val = evaluate(predict_logits(judged, x_va, eval_rest, channels_last=cfg.channels_last),
                        y_va, prior_shift)
         row = {"epoch": epoch, "train_loss": train_loss, **{f"val_{k}": v for k, v in val.items()},
-               "lr": opt.param_groups[0]["lr"], "seconds": time.monotonic() - t0}
-        history.append(row)
+               "lr": run.opt.param_groups[0]["lr"], "seconds": time.monotonic() - t0}
+        run.history.append(row)
         with hist_path.open("a") as fh:
             fh.write(json.dumps(row) + "\n")
         log.info("epoch %d: train loss %.4f | val loss %.4f AUC %.4f acc %.4f | %.0f s",
                  epoch, train_loss, val["loss"], val["auc"], val["accuracy"], row["seconds"])
-        extra = {"epoch": epoch, "val": val, "history": history}
+        extra = {"epoch": epoch, "val": val, "history": run.history}
         torch.save(_checkpoint(judged, meta, extra), out / "last.pt")
-        if val["loss"] < best_loss:
-            best_loss, best_epoch, stale = val["loss"], epoch, 0
+        run.epoch = epoch
+        if val["loss"] < run.best_loss:
+            run.best_loss, run.best_epoch, run.stale = val["loss"], epoch, 0
             torch.save(_checkpoint(judged, meta, extra), out / "best.pt")
         else:
-            stale += 1
-            if stale >= cfg.patience:
-                log.info("early stopping after epoch %d (best %d)", epoch, best_epoch)
-                break
-    return TrainResult(out / "best.pt", out / "last.pt", best_epoch, history)
+            run.stale += 1
+            if run.stale >= cfg.patience:
+                log.info("early stopping after epoch %d (best %d)", epoch, run.best_epoch)
+        run.save(out / STATE_NAME)
+    return TrainResult(out / "best.pt", out / "last.pt", run.best_epoch, run.history)
 
 
 def load_checkpoint(path: str | Path) -> tuple[nn.Module, dict[str, Any]]:
