@@ -125,3 +125,37 @@ def test_priority_cases() -> None:
     assert priority(None, th) == "unscored"
     assert priority(float("nan"), th) == "unscored"
     assert priority(1.0, {"abnormal": None}) == "routine"
+
+
+@given(st.lists(st.tuples(st.integers(0, 1), st.integers(0, 20)), min_size=1, max_size=60),
+       st.floats(0.05, 0.99), st.booleans())
+def test_thresholds_are_the_extreme_ones_meeting_the_target(rows: list[tuple[int, int]],
+                                                           target: float, conservative: bool) -> None:
+    y = np.array([r[0] for r in rows])
+    s = np.array([r[1] / 20 for r in rows])  # ties on purpose
+
+    def meets(k: int, n: int) -> bool:
+        if n == 0:
+            return False
+        return (metrics.clopper_pearson(k, n)[0] if conservative else k / n) >= target - 1e-12
+
+    t = metrics.threshold_for_sensitivity(y, s, target, conservative)
+    ok = [c for c in sorted(set(s[y == 1])) if meets(int(((s >= c) & (y == 1)).sum()), int(y.sum()))]
+    assert t == (max(ok) if ok else float("-inf"))
+    t = metrics.threshold_for_specificity(y, s, target, conservative)
+    n_neg = int((y == 0).sum())
+    cands = sorted({float(np.nextafter(v, np.inf)) for v in s[y == 0]})
+    ok = [c for c in cands if meets(int(((s < c) & (y == 0)).sum()), n_neg)]
+    assert t == (min(ok) if ok else float("inf"))
+
+
+@given(st.integers(0, 200), st.integers(0, 200), st.sampled_from([0.9, 0.95, 0.99]))
+def test_clopper_pearson_equals_scipys_exact_binomial_interval(k: int, extra: int,
+                                                               confidence: float) -> None:
+    from scipy.stats import binomtest
+
+    n = k + extra
+    assume(n > 0)
+    ci = binomtest(k, n).proportion_ci(confidence_level=confidence, method="exact")
+    lo, hi = metrics.clopper_pearson(k, n, confidence)
+    assert lo == pytest.approx(ci.low, abs=1e-9) and hi == pytest.approx(ci.high, abs=1e-9)

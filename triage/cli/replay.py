@@ -46,8 +46,14 @@ def _replay(args: argparse.Namespace) -> int:
 
         model = OnnxModel.load_files(args.model or cfg.model.onnx_path, card_path, cfg.model.threads)
         card = model.card
+    profile = None
+    if args.site_profile:
+        from triage.profile import read_profile
+
+        sha = str((card or {}).get("sha256", "")) or None
+        profile = read_profile(args.site_profile, sha)
     opts = Options(Path(args.archive), Path(args.labels), Path(args.out), cfg.replay.workers,
-                   args.force, via, progress=not args.no_progress)
+                   args.force, via, progress=not args.no_progress, site_profile=profile)
     report = run(opts, cfg, model, card)
     log.info("replay: %d studies (%d in the metrics); AUC %s; wrote %s", report["studies"],
              report["n"], "-" if report["auc"] is None else f"{report['auc']:.4f}",
@@ -78,6 +84,8 @@ def _add_replay(sub: SubParsers) -> None:
     p.add_argument("--called-ae", default="TRIAGE", help="the daemon's AE title (default TRIAGE)")
     p.add_argument("--timeout", type=float, default=600.0, metavar="S",
                    help="with --via: give up after this many seconds without a new result")
+    p.add_argument("--site-profile", metavar="PROFILE",
+                   help="tier with a site profile's thresholds (from `triage site calibrate`)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.set_defaults(func=_replay)
 

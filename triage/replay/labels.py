@@ -20,6 +20,7 @@ class LabelRow:
     label: int | None  # None: the row gives no label
     arrival: _dt.datetime | None = None
     read: _dt.datetime | None = None
+    split: str | None = None  # the data-set split an archive was built from, if the CSV says
 
 
 @dataclass(frozen=True)
@@ -131,6 +132,9 @@ def _label_row(r: Mapping[str, str], uid_c: str | None, acc_c: str | None, lab_c
             times[name] = parse_time(r.get(c)) if c else None
         except ValueError as e:
             raise InputError(f"{where}: {name}: {e}") from e
-    return LabelRow(key, int(value) if value else None, times["arrival_time"], times["read_time"])
+    split_c = _col(header, "split")
+    split = ((r.get(split_c) or "").strip() or None) if split_c else None
+    return LabelRow(key, int(value) if value else None, times["arrival_time"], times["read_time"],
+                    split)
 
 

@@ -71,21 +71,14 @@ class ResultsFile:
             with self.path.open("r+b") as fh:
                 fh.truncate(data.rfind(b"\n") + 1)
 
+    @staticmethod
+    def read_only(out_dir: Path) -> dict[str, StudyRecord]:
+        """Return the records of a replay folder without changing anything in it."""
+        return _load(Path(out_dir) / RESULTS_NAME)
+
     def load(self) -> dict[str, StudyRecord]:
         """Return the records already written, by study UID (later lines win)."""
-        out: dict[str, StudyRecord] = {}
-        if not self.path.exists():
-            return out
-        with self.path.open(encoding="utf-8") as fh:
-            for n, line in enumerate(fh, start=1):
-                try:
-                    rec = StudyRecord.from_dict(json.loads(line))
-                except (ValueError, KeyError, TypeError):
-                    log.warning("%s line %d is incomplete; that study will be scored again",
-                                self.path.name, n)
-                    continue
-                out[rec.study_uid] = rec
-        return out
+        return _load(self.path)
 
     def append(self, records: Iterable[StudyRecord]) -> None:
         """Append records durably (flush and fsync before returning)."""
@@ -105,3 +98,20 @@ def check_model(done: Mapping[str, StudyRecord], sha256: str, force: bool) -> No
     if other and sha256 and not force:
         raise InputError(f"{RESULTS_NAME} holds results of another model (sha256 "
                          f"{min(other)[:12]}...); use --force to start again")
+
+
+def _load(path: Path) -> dict[str, StudyRecord]:
+    """Return the records in a results file, by study UID (later lines win; torn lines skipped)."""
+    out: dict[str, StudyRecord] = {}
+    if not path.exists():
+        return out
+    with path.open(encoding="utf-8") as fh:
+        for n, line in enumerate(fh, start=1):
+            try:
+                rec = StudyRecord.from_dict(json.loads(line))
+            except (ValueError, KeyError, TypeError):
+                log.warning("%s line %d is incomplete; that study will be scored again",
+                            path.name, n)
+                continue
+            out[rec.study_uid] = rec
+    return out

@@ -21,6 +21,7 @@ import numpy as np
 from triage.core import metrics, tiers, turnaround
 from triage.core.drift import METADATA_FIELDS, assess
 from triage.core.metrics import bootstrap_auc, bootstrap_ece, delong
+from triage.core.site import CannotGuarantee, Target, fit_points, min_cases, targets_of
 from triage.replay.labels import LabelRow, Labels, dicom_datetime
 from triage.replay.records import StudyRecord
 
@@ -230,6 +231,48 @@ def turnaround_section(joined: Sequence[Joined], thresholds: Mapping[str, float 
                      "max_wait_min": max_wait_min, "lift": lift, "rate": replay_cfg.poisson_rate_per_hour}
 
 
+# --- advice and warnings for the site ----------------------------------------------
+
+# Splits of the shared data sets that the shipped models trained or stopped early on.
+IN_SAMPLE_SPLITS = frozenset({"train", "val"})
+FEW_STUDIES = 100
+FEW_PER_CLASS = 30
+
+
+def warnings_for(labels: Labels, joined: Sequence[Joined], auc_ci: Sequence[float | None],
+                 n_pos: int, n_neg: int) -> list[str]:
+    """Return what a QA reader must know before trusting a replay's figures."""
+    out = []
+    splits = {j.row.split for j in joined if j.row is not None and j.row.split}
+    inside = sorted(splits & IN_SAMPLE_SPLITS)
+    if inside:
+        out.append(f"in-sample labels: the archive was built from the {'/'.join(inside)} split of "
+                   "the data the model was trained or early-stopped on, so these figures are "
+                   "optimistic; replay studies the model has never seen")
+    lo, hi = auc_ci[0] if auc_ci else None, auc_ci[1] if len(auc_ci) > 1 else None
+    if lo is not None and hi is not None and hi - lo < 1e-9:
+        out.append(f"degenerate interval: AUC [{lo:.3f}, {hi:.3f}] from {n_pos} abnormal and "
+                   f"{n_neg} normal studies says nothing about the uncertainty")
+    if n_pos + n_neg < FEW_STUDIES or min(n_pos, n_neg) < FEW_PER_CLASS:
+        out.append(f"too few labelled studies ({n_pos} abnormal, {n_neg} normal): intervals are "
+                   f"wide; aim for at least {FEW_PER_CLASS} of each and {FEW_STUDIES} in all")
+    return out
+
+
+def site_advice(y: np.ndarray, p: np.ndarray, targets: Sequence[Target],
+           confidence: float) -> dict[str, Any]:
+    """Return the report's "what this site should use": fitted points, or why none can be."""
+    try:
+        points = fit_points(y, p, targets, confidence)
+    except CannotGuarantee as e:
+        need = {t.name: min_cases(t.target, confidence) for t in targets}
+        return {"available": False, "reason": str(e), "minimum_cases": need,
+                "confidence": confidence}
+    return {"available": True, "confidence": confidence,
+            "operating_points": [pt.to_dict() for pt in points],
+            "command": "triage site calibrate REPLAY_DIR --out PROFILE.toml"}
+
+
 # --- the whole report ------------------------------------------------------------------
 
 def card_comparison(card: Mapping[str, Any] | None, report: Mapping[str, Any]) -> dict[str, Any]:
@@ -293,6 +336,10 @@ def build_report(records: Sequence[StudyRecord], labels: Labels, thresholds: Map
     report["turnaround"], fig_tat = turnaround_section(
         joined, thresholds, cfg.replay, cfg.worklist.routine_max_wait_min, conf)
     report["card_comparison"] = card_comparison(card, report)
+    report["site_advice"] = site_advice(y, p, targets_of(cfg.calibration.operating_points, None),
+                                        conf)
+    report["quality_warnings"] = warnings_for(labels, joined, disc["auc_ci"], disc["n_pos"],
+                                              disc["n_neg"])
     figures = {"labels": y, "probs": p, "reliability": rel, "turnaround": fig_tat}
     return clean(report), figures
 

@@ -19,9 +19,11 @@ from typing import Any
 from tqdm import tqdm
 
 from triage import __version__
+from triage.core import tiers
 from triage.core.errors import InputError, TriageError
 from triage.core.tiers import UNSCORED
 from triage.files import write_atomic
+from triage.profile import SiteProfile, thresholds_source
 from triage.replay.archive import ArchiveStudy, Skipped, scan_archive
 from triage.replay.labels import read_labels
 from triage.replay.records import ResultsFile, StudyRecord, check_model
@@ -53,6 +55,7 @@ class Options:
     force: bool = False
     via: Via | None = None
     progress: bool = True
+    site_profile: SiteProfile | None = None
 
 
 def parse_hostport(text: str) -> tuple[str, int]:
@@ -63,11 +66,18 @@ def parse_hostport(text: str) -> tuple[str, int]:
     return host, int(port)
 
 
+def applied_thresholds(model_thresholds: Mapping[str, float | None], cfg: Any,
+                       profile: SiteProfile | None) -> dict[str, float | None]:
+    """Return the thresholds scoring uses: the site profile's, else the card's; overrides on top."""
+    base = profile.thresholds if profile is not None else model_thresholds
+    return {**base, **cfg.worker.tier_overrides}
+
+
 def _in_process(todo: Sequence[ArchiveStudy], model: Any, cfg: Any, workers: int,
-                save: Callable[[list[StudyRecord]], None]) -> None:
+                save: Callable[[list[StudyRecord]], None], profile: SiteProfile | None) -> None:
     from triage.replay.scorers import InProcessScorer
 
-    thresholds = {**model.thresholds, **cfg.worker.tier_overrides}
+    thresholds = applied_thresholds(model.thresholds, cfg, profile)
     per_chunk = max(4, 4 * workers)
     with InProcessScorer(model, thresholds, workers, cfg.worker.batch_size) as scorer:
         for i in range(0, len(todo), per_chunk):
@@ -132,7 +142,7 @@ def _score(todo: Sequence[ArchiveStudy], opts: Options, model: Any, cfg: Any,
         elif opts.via is not None:
             _via(todo, opts.via, save)
         else:
-            _in_process(todo, model, cfg, opts.workers, save)
+            _in_process(todo, model, cfg, opts.workers, save, opts.site_profile)
     finally:
         bar.close()
     return new
@@ -153,6 +163,13 @@ def _thresholds(records: Sequence[StudyRecord], model: Any, cfg: Any) -> tuple[d
     return dict(json.loads(common[0][0])), warnings
 
 
+def _retier(records: Sequence[StudyRecord], thresholds: dict[str, float | None]
+            ) -> list[StudyRecord]:
+    """Return the records tiered at ``thresholds`` (a site profile applied to earlier scores)."""
+    return [replace(r, tier=tiers.priority(r.probability, thresholds), thresholds=dict(thresholds))
+            for r in records]
+
+
 def _meta(opts: Options, card: Mapping[str, Any] | None, records: Sequence[StudyRecord],
           skipped: Sequence[Skipped], warnings: list[str]) -> dict[str, Any]:
     shas = {r.model_sha256 for r in records if r.model_sha256}
@@ -166,6 +183,7 @@ def _meta(opts: Options, card: Mapping[str, Any] | None, records: Sequence[Study
             "created": _dt.datetime.now(_dt.UTC).isoformat(timespec="seconds"),
             "model_name": str((card or {}).get("name", "unknown")),
             "model_sha256": card_sha or min(shas, default=""),
+            "thresholds_source": thresholds_source(opts.site_profile),
             "skipped_files": {"count": len(skipped),
                               "reasons": dict(Counter(s.reason for s in skipped))},
             "warnings": warnings}
@@ -197,7 +215,12 @@ def run(opts: Options, cfg: Any, model: Any = None, card: Mapping[str, Any] | No
     log.info("%d studies, %d already scored, %d to score", len(studies), len(studies) - len(todo), len(todo))
     new = {r.study_uid: r for r in _score(todo, opts, model, cfg, store, len(studies))}
     records = [new.get(s.study_uid) or done[s.study_uid] for s in studies]
-    thresholds, warnings = _thresholds(records, model if opts.via is None else None, cfg)
+    warnings: list[str] = []
+    if opts.site_profile is not None:
+        thresholds = applied_thresholds({}, cfg, opts.site_profile)
+        records = _retier(records, thresholds)
+    else:
+        thresholds, warnings = _thresholds(records, model if opts.via is None else None, cfg)
     report, inputs = build_report(records, labels, thresholds, card, cfg)
     if report["unmatched_labels"]["count"]:
         log.warning("%d label rows match no study in the archive (listed in report.json)",

@@ -1,0 +1,101 @@
+"""A site profile: operating points re-fitted on a site's own labelled replay.
+
+``triage site calibrate`` writes one (TOML); the daemon reads it through
+``model.site_profile`` and ``triage replay --site-profile`` applies it. A
+profile names the model (sha256) it was fitted for and is refused for any
+other. Besides the thresholds it carries what the site looked like when it
+was fitted: its size, dates, prevalence and score distribution, which the
+drift watch then uses as the reference, so the site is compared with itself.
+"""
+
+from __future__ import annotations
+
+import datetime as _dt
+import tomllib
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from triage.core.errors import ConfigError
+from triage.files import write_atomic
+
+FORMAT = 1
+CARD = "model card"
+
+
+@dataclass(frozen=True)
+class SiteProfile:
+    """The parts of a profile that scoring and drift use; ``raw`` holds the whole file."""
+
+    path: Path
+    model_sha256: str
+    created: str
+    site: str
+    thresholds: dict[str, float | None]
+    reference_scores: dict[str, list[float]] | None
+    prevalence: float | None
+    raw: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def source(self) -> str:
+        """How results name where their thresholds came from."""
+        name = f" {self.site}" if self.site else ""
+        return f"site profile{name} of {self.created[:10]} ({self.path.name})"
+
+
+def thresholds_source(profile: SiteProfile | None) -> str:
+    """Return the words results use for where their thresholds came from."""
+    return CARD if profile is None else profile.source
+
+
+def read_profile(path: str | Path, model_sha256: str | None = None) -> SiteProfile:
+    """Read a profile; with ``model_sha256``, refuse one made for another model.
+
+    Raises ConfigError with a one-line reason (missing file, bad TOML, missing
+    keys, another model's profile).
+    """
+    p = Path(path)
+    try:
+        data = tomllib.loads(p.read_text())
+    except OSError as e:
+        raise ConfigError(f"site profile {p}: cannot read it ({e.strerror or e})") from e
+    except tomllib.TOMLDecodeError as e:
+        raise ConfigError(f"site profile {p} is not valid TOML: {e}") from e
+    try:
+        head = data["profile"]
+        points: dict[str, float | None] = {str(op["name"]): float(op["threshold"])
+                                            for op in data["operating_points"]}
+        sha = str(head["model_sha256"])
+    except (KeyError, TypeError, ValueError) as e:
+        raise ConfigError(f"site profile {p} lacks {e} (write it with `triage site calibrate`)") from e
+    if model_sha256 is not None and sha != model_sha256:
+        raise ConfigError(f"site profile {p} was fitted for model {sha[:12]}, not for the "
+                          f"configured model {model_sha256[:12]}: re-fit it with `triage site "
+                          "calibrate` on a replay of this model")
+    site = data.get("site", {})
+    return SiteProfile(p, sha, str(head.get("created", "")), str(head.get("site", "")), points,
+                       data.get("reference_scores"), site.get("prevalence"), data)
+
+
+def write_profile(path: str | Path, doc: Mapping[str, Any]) -> Path:
+    """Write a profile document as TOML, readable by the daemon's user only."""
+    import tomli_w
+
+    header = ("# triage site profile: operating points re-fitted on this site's labelled replay.\n"
+              "# Written by `triage site calibrate`; see docs/site-calibration.md.\n")
+    return write_atomic(path, header + tomli_w.dumps(_toml_ready(doc)), fsync=True)
+
+
+def _toml_ready(obj: Any) -> Any:
+    """Drop None values (TOML has no null) and turn tuples into lists."""
+    if isinstance(obj, Mapping):
+        return {str(k): _toml_ready(v) for k, v in obj.items() if v is not None}
+    if isinstance(obj, (list, tuple)):
+        return [_toml_ready(v) for v in obj]
+    return obj
+
+
+def now_iso() -> str:
+    """Return the current UTC time as ISO 8601 (seconds)."""
+    return _dt.datetime.now(_dt.UTC).isoformat(timespec="seconds")
