@@ -359,9 +359,8 @@ class DriftConfig:
 
     interval_s: float = 300.0
     window: int = 500
-    min_samples: int = 30
-    psi_alert: float = 0.25
-    ks_alert: float = 0.2
+    min_samples: int = 50
+    alpha: float = 0.01
     population_age_years: tuple[float, ...] = (0.0, 17.0)
     population_alert_fraction: float = 0.1
 
@@ -374,8 +373,7 @@ class DriftConfig:
                "must be in (0, 1]")
         _check(self.window >= 1, "drift.window", "must be >= 1")
         _check(1 <= self.min_samples <= self.window, "drift.min_samples", "must be 1..drift.window")
-        _check(self.psi_alert > 0, "drift.psi_alert", "must be > 0")
-        _check(0 < self.ks_alert <= 1, "drift.ks_alert", "must be in (0, 1]")
+        _check(0 < self.alpha < 0.5, "drift.alpha", "must be in (0, 0.5)")
 
 
 @dataclass(frozen=True)

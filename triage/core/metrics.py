@@ -270,14 +270,15 @@ def fit_temperature(logits: np.ndarray, labels: np.ndarray) -> float:
     return float(math.exp(res.x))
 
 
-def score_distribution(probs: np.ndarray, bins: int = 20) -> dict[str, list[float]]:
+def score_distribution(probs: np.ndarray, bins: int = 20,
+                       levels: int = 101) -> dict[str, list[float]]:
     """Return a reference histogram (equal-width on [0, 1]) and quantiles of ``probs``.
 
     Used later to measure drift (PSI on the histogram, KS on the quantiles).
     """
     p = np.clip(np.asarray(probs, dtype=np.float64), 0, 1)
     counts, edges = np.histogram(p, bins=bins, range=(0.0, 1.0))
-    qs = np.linspace(0, 1, 21)
+    qs = np.linspace(0, 1, levels)
     return {
         "bin_edges": [float(e) for e in edges],
         "counts": [int(c) for c in counts],

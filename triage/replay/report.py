@@ -170,8 +170,9 @@ def drift_section(records: Sequence[StudyRecord], card: Mapping[str, Any] | None
     v = assess(card, [float(i["probability"]) for i in imgs],
                [{f: i.get(f) for f in METADATA_FIELDS} for i in imgs], drift_cfg)
     return {"available": True, "n_images": v.n, "psi": v.psi, "ks": v.ks, "unseen": v.unseen,
-            "alert": v.alert, "summary": v.summary, "psi_alert": drift_cfg.psi_alert,
-            "ks_alert": drift_cfg.ks_alert, "min_samples": drift_cfg.min_samples}
+            "alert": v.alert, "summary": v.summary, "kind": v.kind, "p_value": v.p_value,
+            "prevalence_estimate": v.prevalence, "action": v.action, "alpha": drift_cfg.alpha,
+            "min_samples": drift_cfg.min_samples}
 
 
 # --- turnaround -------------------------------------------------------------------

@@ -36,6 +36,7 @@ def check_drift(store: Any, card: Mapping[str, Any], cfg: DriftConfig) -> DriftV
         s.execute(update(Alert).where(Alert.kind == "drift", Alert.active.is_(True))
                   .values(active=False))
         if verdict.alert:
-            s.add(Alert(at=now, kind="drift", message=verdict.summary, active=True))
+            s.add(Alert(at=now, kind="drift", message=f"{verdict.summary}. {verdict.action}",
+                        active=True))
     (log.warning if verdict.alert else log.info)("drift check: %s", verdict.summary)
     return verdict

@@ -143,6 +143,15 @@ def software_versions() -> dict[str, str]:
             "pydicom": pydicom.__version__, "numpy": np.__version__}
 
 
+# What the model was validated with through the DICOM path (`triage archive build` writes
+# these; the training images themselves were 8-bit JPEGs): values outside these sets are
+# reported by the drift watch as acquisition values the model never saw.
+TRAINING_METADATA = {
+    "photometric": ["MONOCHROME1", "MONOCHROME2"],
+    "view_position": ["PA", "AP"],
+    "bits_stored": [str(b) for b in range(8, 17)],
+}
+
 INTENDED_USE = (
     "A triage aid that reorders a reading worklist of frontal (PA/AP) chest radiographs by the "
     "estimated probability of an abnormal study. It is not a diagnostic device: every study is "
@@ -196,6 +205,10 @@ def build_card(meta: dict[str, Any], cal: dict[str, Any], shipped: dict[str, Any
         "operating_points": shipped["operating_points"],
         "ece": shipped["validation"]["ece"],
         "reference_scores": shipped["score_distribution"],
+        "reference_scores_pos": shipped.get("score_distribution_pos"),
+        "reference_scores_neg": shipped.get("score_distribution_neg"),
+        "reference_prevalence": shipped["validation"]["n_pos"] / max(1, shipped["validation"]["n"]),
+        "training_metadata": TRAINING_METADATA,
         "variants": variants,
         "software": software_versions(),
         "intended_use": INTENDED_USE,
@@ -236,6 +249,8 @@ def _evaluate(probs: np.ndarray, labels: np.ndarray, cal_cfg: Any) -> dict[str, 
                        "ece_bins": cal_cfg.ece_bins},
         "operating_points": [p.to_dict() for p in points],
         "score_distribution": metrics.score_distribution(probs),
+        "score_distribution_pos": metrics.score_distribution(probs[labels == 1]),
+        "score_distribution_neg": metrics.score_distribution(probs[labels == 0]),
     }
 
 
