@@ -205,8 +205,56 @@ def _add_export(sub: SubParsers) -> None:
     p.set_defaults(func=_export)
 
 
+def _guard_train(args: argparse.Namespace) -> int:
+    import json
+    from pathlib import Path
+
+    from triage.training import guard
+    from triage.training.train import file_sha256
+
+    cfg = load_config(args)
+    setup_logging(cfg.logging.level)
+    split, adults = Path(args.paediatric_split), Path(args.adult_manifest)
+    samples = guard.read_sources(split, Path(args.paediatric_root), adults,
+                                 Path(args.adult_root) if args.adult_root else adults.parent)
+    run, held = guard.train_guard(samples, epochs=args.epochs, seed=args.seed,
+                                  threads=cfg.train.threads)
+    measured = guard.rates(run, held)
+    card = guard.export(run, measured, Path(args.out), args.name, {
+        "paediatric_split": str(split), "paediatric_split_sha256": file_sha256(split),
+        "adult_manifest": str(adults), "adult_manifest_sha256": file_sha256(adults),
+        "epochs": str(args.epochs), "seed": str(args.seed)})
+    log.info("thresholds %s; held out: %s", card["thresholds"], json.dumps(card["held_out"]))
+    return 0
+
+
+def _add_guard(sub: SubParsers) -> None:
+    p = sub.add_parser("guard", help="the input guard's network (adult or child, frontal or not)",
+                       description="Tools for the input guard.")
+    gsub = p.add_subparsers(dest="guard_command", metavar="ACTION")
+    gsub.required = True
+    t = gsub.add_parser("train", help="train, threshold and export the guard network",
+                        description="Train the guard on the paediatric patient split (children) "
+                                    "and the adult set, choose its thresholds on validation, "
+                                    "measure them on held-out images, and write ONNX + card.")
+    config_args(t)
+    t.add_argument("--paediatric-split", metavar="CSV", required=True,
+                   help="the patient-level split from `triage split`")
+    t.add_argument("--paediatric-root", metavar="DIR", required=True,
+                   help="folder the split's paths are under")
+    t.add_argument("--adult-manifest", metavar="CSV", required=True,
+                   help="cxr-adult-224/manifest.csv")
+    t.add_argument("--adult-root", metavar="DIR", help="folder its paths are under (default: its folder)")
+    t.add_argument("--out", metavar="DIR", default="models")
+    t.add_argument("--name", default="cxr-guard")
+    t.add_argument("--epochs", type=int, default=10)
+    t.add_argument("--seed", type=int, default=42)
+    t.set_defaults(func=_guard_train)
+
+
 def add(sub: SubParsers) -> None:
-    """Add ``split``, ``train``, ``calibrate`` and ``export``."""
+    """Add ``split``, ``train``, ``calibrate``, ``export`` and ``guard``."""
+    _add_guard(sub)
     _add_split(sub)
     _add_train(sub)
     _add_calibrate(sub)
