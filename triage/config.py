@@ -207,6 +207,7 @@ class ModelConfig:
 
 
 _EQUALIZATIONS = ("none", "histogram", "clahe")
+_DENOISERS = ("none", "gaussian", "median")
 
 
 @dataclass(frozen=True)
@@ -215,6 +216,8 @@ class PreprocessConfig:
 
     window_percentiles: tuple[float, ...] = (0.5, 99.5)
     equalization: str = "none"
+    denoise: str = "none"
+    denoise_strength: float = 1.0
     clahe_tiles: int = 8
     clahe_clip_limit: float = 0.01
     mean: float = 0.5
@@ -238,6 +241,9 @@ class PreprocessConfig:
                "must be two percentiles [low, high] with 0 <= low < high <= 100")
         _check(self.equalization in _EQUALIZATIONS, "preprocess.equalization",
                f"{self.equalization!r} is not one of {', '.join(_EQUALIZATIONS)}")
+        _check(self.denoise in _DENOISERS, "preprocess.denoise",
+               f"{self.denoise!r} is not one of {', '.join(_DENOISERS)}")
+        _check(0 < self.denoise_strength <= 5, "preprocess.denoise_strength", "must be in (0, 5]")
         _check(self.clahe_tiles >= 1, "preprocess.clahe_tiles", "must be >= 1")
         _check(0 < self.clahe_clip_limit <= 1, "preprocess.clahe_clip_limit", "must be in (0, 1]")
         _check(self.std > 0, "preprocess.std", "must be > 0")

@@ -156,3 +156,18 @@ def test_random_resized_crop_covers_the_asked_area_and_resizes() -> None:
         _, _, ch, cw = t._box  # type: ignore[misc]
         assert 0.2 * 0.8 <= ch * cw / (100 * 120) <= 0.5 * 1.2  # rounding of the sides
         assert 0.75 * 0.9 <= cw / ch <= 1.3333 * 1.1
+
+
+@pytest.mark.parametrize("kind", ["gaussian", "median"])
+def test_denoising_removes_pixel_noise_and_keeps_the_shape(kind: str) -> None:
+    rng = np.random.default_rng(0)
+    clean = np.tile(np.linspace(0, 1, 200, dtype=np.float32), (200, 1))
+    noisy = clean + rng.normal(0, 0.1, clean.shape).astype(np.float32)
+    spec = InputSpec(64)
+    plain = np.asarray(build_transforms(PreprocessConfig(), spec)(noisy))
+    smooth = np.asarray(build_transforms(PreprocessConfig(denoise=kind), spec)(noisy))
+    target = np.asarray(build_transforms(PreprocessConfig(), spec)(clean))
+    assert smooth.shape == plain.shape == (1, 64, 64)
+    # Closer to the clean image than without denoising (away from the borders).
+    inner = (slice(None), slice(4, -4), slice(4, -4))
+    assert np.abs(smooth - target)[inner].mean() < np.abs(plain - target)[inner].mean()

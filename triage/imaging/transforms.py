@@ -177,6 +177,22 @@ class RandResizedCrop(Randomizable, Transform):
         return self._resize(img[..., y:y + ch, x:x + cw])
 
 
+def _denoiser(cfg: PreprocessConfig, size: int) -> list[Transform]:
+    """Return the optional denoising step named by ``cfg.denoise`` (MONAI's smoothing filters).
+
+    It runs after the box reduction, on an image at least twice the input size,
+    so the filter's width is measured in pixels of that image: ``denoise_strength``
+    is the Gaussian's sigma, or the median filter's radius (rounded).
+    """
+    from monai.transforms import GaussianSmooth, MedianSmooth
+
+    if cfg.denoise == "gaussian":
+        return [GaussianSmooth(sigma=cfg.denoise_strength)]
+    if cfg.denoise == "median":
+        return [MedianSmooth(radius=max(1, round(cfg.denoise_strength)))]
+    return []
+
+
 def _equaliser(cfg: PreprocessConfig) -> list[Transform]:
     """Return the optional equalisation step named by ``cfg.equalization``."""
     if cfg.equalization == "histogram":
@@ -241,6 +257,7 @@ def build_transforms(cfg: PreprocessConfig, spec: InputSpec, train: bool = False
         EnsureChannelFirst(channel_dim="no_channel"),
         BoxReduce(spec.size),
         ScaleIntensityRangePercentiles(lo, hi, b_min=0.0, b_max=1.0, clip=True),
+        *_denoiser(cfg, spec.size),
         *_equaliser(cfg),
         Resize((side, side), mode="bilinear", anti_aliasing=True),
     ]
