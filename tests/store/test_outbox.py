@@ -104,3 +104,27 @@ def test_rows_for_a_destination_no_longer_configured_become_dead_letters(tmp_pat
     assert sender.run_once() == 0
     [dead] = outbox.dead_letters(store)
     assert dead.destination == "GONE" and "no longer configured" in (dead.last_error or "")
+
+
+def test_an_object_that_cannot_be_built_ends_in_the_dead_letter_without_uids(
+        tmp_path: Path) -> None:
+    store = _store(tmp_path)
+    _result(store, wants={db.SR: ["PACS"]})  # its source files are not in any spool
+    cfg = from_dict({"results": {"max_attempts": 2, "retry_initial_s": 1, "destinations": [
+        {"ae_title": "PACS", "host": "127.0.0.1", "port": 9, "name": "PACS"}]}}).results
+    now = [100.0]
+    sender = OutboxSender(cfg, store, tmp_path, clock=lambda: now[0])
+    assert sender.run_once() == 1
+    assert outbox.dead_letter_count(store) == 0 and outbox.due(store, now[0], 10) == []
+    now[0] += 1.0
+    assert sender.run_once() == 1
+    [dead] = outbox.dead_letters(store)
+    assert dead.attempts == 2 and "cannot build the sr" in (dead.last_error or "")
+    assert "1.2.3" not in (dead.last_error or "")
+
+
+def test_scrub_hashes_anything_shaped_like_a_uid() -> None:
+    from triage.service.sender import scrub
+
+    text = scrub("instance 1.2.826.0.1.3680043.8.498.1 refused; port 4242; version 0.28.2")
+    assert "1.2.826" not in text and "uid:" in text and "0.28.2" in text and "4242" in text

@@ -76,11 +76,7 @@ class OutboxSender:
         self._wake = threading.Event()
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
-
-    @property
-    def wants(self) -> dict[str, list[str]]:
-        """{kind: destination labels}: what the worker plans for each result."""
-        return {kind: [d.label for d in self.cfg.wants(kind)] for kind in ("sr", "overlay")}
+        self._built: dict[int, Path] = {}  # object id -> file, within one round
 
     def start(self) -> None:
         """Start the sender thread."""
@@ -122,6 +118,7 @@ class OutboxSender:
         for item in due:
             by_dest[item.destination].append(item)
         tried = 0
+        self._built.clear()
         for label, items in by_dest.items():
             dest = self.destinations.get(label)
             if dest is None:
@@ -137,13 +134,17 @@ class OutboxSender:
         return backoff_s(attempts, self.cfg.retry_initial_s, self.cfg.retry_max_s)
 
     def _file(self, item: outbox.Due) -> Path:
-        """Return the object's built file, building it first if needed."""
+        """Return the object's built file, building it first if needed (once per object: every
+        destination and every attempt sends the same file)."""
+        if item.object_id in self._built:
+            return self._built[item.object_id]
         if item.relpath and (self.data_root / item.relpath).exists():
             return self.data_root / item.relpath
         ds = result_dicom.build(self.store, item.object_id, self.data_root / "spool", self.data_root)
         rel = result_dicom.object_path(str(ds.StudyInstanceUID), item.sop_instance_uid)
         path = result_dicom.write(ds, self.data_root, rel)
         outbox.set_built(self.store, item.object_id, rel)
+        self._built[item.object_id] = path
         return path
 
     def _send(self, dest: DestinationConfig, items: list[outbox.Due]) -> int:
@@ -166,8 +167,8 @@ class OutboxSender:
                        on_status=partial(self._replied, dest, by_path))
         except SendError as e:
             self._failed([i for i, _ in ready], str(e), None)
-            log.warning("results to %s: %s; %d object(s) wait for a retry", dest.label, e,
-                        len(ready))
+            log.warning("results to %s: %s; %d object(s) wait for a retry", dest.label,
+                        scrub(str(e)), len(ready))
         return len(items)
 
     def _replied(self, dest: DestinationConfig, by_path: dict[Path, outbox.Due], f: Outgoing,
@@ -182,7 +183,8 @@ class OutboxSender:
 
     def _failed(self, items: list[outbox.Due], error: str, status: int | None) -> None:
         ids = [i.delivery_id for i in items]
-        dead = outbox.record_failure(self.store, ids, scrub(error), status, self.cfg.max_attempts)
+        error = scrub(error)
+        dead = outbox.record_failure(self.store, ids, error, status, self.cfg.max_attempts)
         if dead:
             log.error("%d outbox item(s) moved to the dead letter after %d attempts: %s "
                       "(`triage outbox retry` queues them again)", len(dead),
