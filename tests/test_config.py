@@ -150,3 +150,16 @@ def test_bad_destination_is_rejected_naming_the_key(data: dict, expected: str) -
     with pytest.raises(ConfigError) as e:
         config.from_dict(data)
     assert expected in str(e.value)
+
+
+def test_destinations_in_toml_as_the_shipped_comment_shows_them(tmp_path: Path) -> None:
+    example = [ln[2:] for ln in (REPO / "config.toml").read_text().splitlines()
+               if ln.startswith("# ") and ("[[results.destinations]]" in ln or " = " in ln)
+               and not ln.startswith("# #")]
+    start = example.index("[[results.destinations]]")
+    path = tmp_path / "c.toml"
+    path.write_text("\n".join(example[start:]) + "\n")
+    [dest] = config.load(path).results.destinations
+    assert (dest.ae_title, dest.host, dest.port, dest.send) == ("PACS", "127.0.0.1", 4242,
+                                                                ("sr", "overlay"))
+    assert dest.tls is False and dest.label == "PACS@127.0.0.1:4242"
