@@ -17,7 +17,7 @@ $(STAMP): pyproject.toml
 setup: $(STAMP)
 
 # Debian packages the tests use as real peers: DCMTK (storescu, echoscu,
-# storescp) and headless Chromium.
+# storescp, dsrdump), headless Chromium, dicom3tools (dciodvfy), Orthanc and openssl.
 system-deps:
 	@bash scripts/system-deps.sh
 

@@ -8,7 +8,8 @@ proposed, one presentation context per (SOP class, transfer syntax) pair.
 from __future__ import annotations
 
 import logging
-from collections.abc import Sequence
+import ssl
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -57,22 +58,67 @@ def _ae(calling_ae: str, files: Sequence[Outgoing], timeout_s: float) -> AE:
     return ae
 
 
+# C-STORE statuses after which the destination holds the instance: success, and
+# the warnings "coercion of data elements", "elements discarded" and "data set
+# does not match SOP class" (PS3.4 B.2.3), plus pynetdicom's generic warning.
+STORED = frozenset({0x0000, 0x0001, 0xB000, 0xB006, 0xB007})
+
+
+def stored(status: int) -> bool:
+    """Return True when a C-STORE ``status`` means the destination kept the instance."""
+    return status in STORED
+
+
+@dataclass(frozen=True)
+class Tls:
+    """DICOM over TLS to one destination: the client context and the name its certificate bears."""
+
+    context: ssl.SSLContext
+    server_hostname: str  # sent as SNI; checked against the certificate when the context says so
+
+
+def tls_client(host: str, ca_file: str = "", cert_file: str = "", key_file: str = "",
+               check_hostname: bool = True) -> Tls:
+    """Return TLS settings that verify the destination's certificate (against ``ca_file``, or
+    the system's CAs) and, with ``cert_file``/``key_file``, present ours.
+
+    Raises SendError when a file cannot be loaded.
+    """
+    try:
+        ctx = ssl.create_default_context(ssl.Purpose.SERVER_AUTH, cafile=ca_file or None)
+        ctx.minimum_version = ssl.TLSVersion.TLSv1_2
+        ctx.check_hostname = check_hostname
+        if cert_file:
+            ctx.load_cert_chain(cert_file, key_file or None)
+    except (OSError, ssl.SSLError) as e:
+        raise SendError(f"TLS files cannot be loaded: {e}") from e
+    return Tls(ctx, host)
+
+
 def send_files(host: str, port: int, files: Sequence[Outgoing], calling_ae: str,
-               called_ae: str, timeout_s: float = 60.0) -> list[int]:
+               called_ae: str, timeout_s: float = 60.0, tls: Tls | None = None,
+               on_status: Callable[[Outgoing, int], None] | None = None) -> list[int]:
     """C-STORE every file over one association; return each status (-1: no reply).
 
-    Raises SendError when the association is rejected or cannot be established.
+    ``tls`` secures the association; ``on_status`` is called after each reply,
+    in order, so a caller can record progress as it happens. Raises SendError
+    when the association is rejected or cannot be established (including a
+    failed TLS handshake).
     """
     if not files:
         return []
     ae = _ae(calling_ae, files, timeout_s)
-    assoc = ae.associate(host, port, ae_title=called_ae)
+    tls_args = (tls.context, tls.server_hostname) if tls is not None else None
+    assoc = ae.associate(host, port, ae_title=called_ae, tls_args=tls_args)
     if not assoc.is_established:
-        raise SendError(f"association with {called_ae}@{host}:{port} was not established")
+        why = "rejected" if assoc.is_rejected else "aborted" if assoc.is_aborted else "not established"
+        raise SendError(f"association with {called_ae}@{host}:{port} {why}")
     out = []
     try:
         for f in files:
             out.append(_send_one(assoc, f))
+            if on_status is not None:
+                on_status(f, out[-1])
     finally:
         if assoc.is_established:
             assoc.release()

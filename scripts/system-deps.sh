@@ -1,9 +1,15 @@
 #!/usr/bin/env bash
-# Install the Debian packages the tests need, only when they are missing.
+# Install the Debian packages the tests need, only when they are missing:
+# DCMTK (storescu, echoscu, storescp, dsrdump), headless Chromium, dicom3tools
+# (dciodvfy), Orthanc (the PACS the results tests send to) and openssl (the
+# TLS test's throw-away CA).
 set -euo pipefail
 need=()
-command -v storescu >/dev/null 2>&1 || need+=(dcmtk)
+command -v storescu >/dev/null 2>&1 && command -v dsrdump >/dev/null 2>&1 || need+=(dcmtk)
 command -v chromium >/dev/null 2>&1 || need+=(chromium)
+command -v dciodvfy >/dev/null 2>&1 || need+=(dicom3tools)
+command -v Orthanc >/dev/null 2>&1 || [ -x /usr/sbin/Orthanc ] || need+=(orthanc)
+command -v openssl >/dev/null 2>&1 || need+=(openssl)
 if [ ${#need[@]} -eq 0 ]; then
   exit 0
 fi
@@ -11,4 +17,9 @@ SUDO=""
 if [ "$(id -u)" -ne 0 ]; then SUDO="sudo"; fi
 echo "installing Debian packages: ${need[*]}"
 $SUDO apt-get update -qq
+# The orthanc package starts its system service when installed; the tests run
+# their own Orthanc on free ports and need none, so stop it if it did start.
 DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq --no-install-recommends "${need[@]}" >/dev/null
+if printf '%s\n' "${need[@]}" | grep -qx orthanc; then
+  $SUDO service orthanc stop >/dev/null 2>&1 || true
+fi

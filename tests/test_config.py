@@ -103,3 +103,63 @@ def test_cli_help_lists_subcommands(tmp_path: Path) -> None:
     assert r.returncode == 0
     for flag in ("--config", "--data-dir", "--dicom-port", "--web-port"):
         assert flag in r.stdout
+
+
+def _dest(**kw: object) -> dict:
+    return {"results": {"destinations": [{"ae_title": "PACS", "host": "127.0.0.1", "port": 4242,
+                                           **kw}]}}
+
+
+def test_no_destination_by_default_means_nothing_is_sent() -> None:
+    cfg = config.load()
+    assert cfg.results.destinations == ()
+    assert cfg.results.wants("sr") == [] and cfg.results.wants("overlay") == []
+
+
+def test_destinations_are_an_array_of_tables() -> None:
+    cfg = config.from_dict({"results": {"destinations": [
+        {"ae_title": "PACS", "host": "127.0.0.1", "port": 4242, "send": ["sr", "overlay"]},
+        {"ae_title": "ARCHIVE", "host": "pacs.example.org", "send": ["sr"], "tls": True,
+         "tls_ca_file": "/etc/ssl/ca.pem", "name": "archive"}]}})
+    pacs, archive = cfg.results.destinations
+    assert (pacs.label, pacs.send, pacs.tls) == ("PACS@127.0.0.1:4242", ("sr", "overlay"), False)
+    assert (archive.label, archive.port, archive.tls_check_hostname) == ("archive", 104, True)
+    assert [d.label for d in cfg.results.wants("overlay")] == ["PACS@127.0.0.1:4242"]
+
+
+@pytest.mark.parametrize("data, expected", [
+    (_dest(ae_tilte="X"), "unknown config key 'results.destinations.ae_tilte' "
+                          "(did you mean 'results.destinations.ae_title'?)"),
+    ({"results": {"destinatons": []}}, "did you mean 'results.destinations'?"),
+    ({"results": {"max_attemps": 3}}, "did you mean 'results.max_attempts'?"),
+    (_dest(send=["sr", "overlays"]), "'overlays' is not one of sr, overlay (did you mean 'overlay'?)"),
+    (_dest(send=[]), "'results.destinations.send'"),
+    (_dest(port=0), "'results.destinations.port'"),
+    (_dest(ae_title="A" * 17), "'results.destinations.ae_title'"),
+    (_dest(host="not a host"), "'results.destinations.host'"),
+    ({"results": {"destinations": [{"host": "127.0.0.1"}]}}, "'results.destinations.ae_title': is required"),
+    (_dest(tls=True, tls_cert_file="/c.pem"), "tls_cert_file and tls_key_file must be set together"),
+    (_dest(tls_ca_file="/ca.pem"), "set tls = true"),
+    ({"results": {"destinations": [{"ae_title": "P", "host": "h"}, {"ae_title": "P", "host": "h"}]}},
+     "same name"),
+    ({"results": {"retry_initial_s": 10, "retry_max_s": 5}}, "'results.retry_max_s'"),
+    ({"results": {"max_attempts": 0}}, "'results.max_attempts'"),
+    ({"results": {"destinations": {"ae_title": "PACS"}}}, "'results.destinations': must be a list"),
+])
+def test_bad_destination_is_rejected_naming_the_key(data: dict, expected: str) -> None:
+    with pytest.raises(ConfigError) as e:
+        config.from_dict(data)
+    assert expected in str(e.value)
+
+
+def test_destinations_in_toml_as_the_shipped_comment_shows_them(tmp_path: Path) -> None:
+    example = [ln[2:] for ln in (REPO / "config.toml").read_text().splitlines()
+               if ln.startswith("# ") and ("[[results.destinations]]" in ln or " = " in ln)
+               and not ln.startswith("# #")]
+    start = example.index("[[results.destinations]]")
+    path = tmp_path / "c.toml"
+    path.write_text("\n".join(example[start:]) + "\n")
+    [dest] = config.load(path).results.destinations
+    assert (dest.ae_title, dest.host, dest.port, dest.send) == ("PACS", "127.0.0.1", 4242,
+                                                                ("sr", "overlay"))
+    assert dest.tls is False and dest.label == "PACS@127.0.0.1:4242"

@@ -11,6 +11,7 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import ipaddress
+import re
 import tomllib
 import types
 import typing
@@ -429,6 +430,94 @@ class ReplayConfig:
         _check(0 <= self.bootstrap <= 100000, "replay.bootstrap", "must be 0..100000 (0: none)")
 
 
+def _check_destination_host(host: str, key: str) -> None:
+    """A destination may be an IP address or a DNS name (a PACS usually has one)."""
+    try:
+        ipaddress.ip_address(host)
+        return
+    except ValueError:
+        pass
+    labels = host.rstrip(".").split(".")
+    _check(0 < len(host) <= 253 and all(_HOST_LABEL.fullmatch(label) for label in labels), key,
+           f"{host!r} is not an IP address or a host name")
+
+
+_HOST_LABEL = re.compile(r"(?!-)[A-Za-z0-9-]{1,63}(?<!-)")
+SEND_KINDS = ("sr", "overlay")
+
+
+@dataclass(frozen=True)
+class DestinationConfig:
+    """One DICOM destination (a PACS) that results are sent to with C-STORE."""
+
+    ae_title: str = ""
+    host: str = ""
+    port: int = 104
+    send: tuple[str, ...] = SEND_KINDS
+    name: str = ""
+    tls: bool = False
+    tls_ca_file: str = ""
+    tls_cert_file: str = ""
+    tls_key_file: str = ""
+    tls_check_hostname: bool = True
+
+    def __post_init__(self) -> None:
+        key = "results.destinations"
+        _check(bool(self.ae_title), f"{key}.ae_title", "is required (the destination's AE title)")
+        _check_ae(self.ae_title, f"{key}.ae_title")
+        _check(bool(self.host), f"{key}.host", "is required")
+        _check_destination_host(self.host, f"{key}.host")
+        _check(1 <= self.port <= 65535, f"{key}.port", f"port {self.port} is out of range 1..65535")
+        _check(bool(self.send) and len(set(self.send)) == len(self.send), f"{key}.send",
+               f"list what to send, each once: any of {', '.join(SEND_KINDS)}")
+        for kind in self.send:
+            _check(kind in SEND_KINDS, f"{key}.send",
+                   f"{kind!r} is not one of {', '.join(SEND_KINDS)}"
+                   + _suggest(kind, SEND_KINDS))
+        _check(len(self.label) <= 64 and self.label.isprintable(), f"{key}.name",
+               "must be at most 64 printable characters")
+        _check(bool(self.tls_cert_file) == bool(self.tls_key_file), f"{key}.tls_cert_file",
+               "tls_cert_file and tls_key_file must be set together")
+        _check(self.tls or not (self.tls_ca_file or self.tls_cert_file), f"{key}.tls",
+               "TLS files are set but tls = false; set tls = true to use them")
+
+    @property
+    def label(self) -> str:
+        """The destination's name in the outbox and in status: ``name``, else AE@host:port."""
+        return self.name or f"{self.ae_title}@{self.host}:{self.port}"
+
+
+@dataclass(frozen=True)
+class ResultsConfig:
+    """Results sent back to the PACS: DICOM SR and overlays, through a durable outbox."""
+
+    calling_ae_title: str = "TRIAGE"
+    destinations: tuple[DestinationConfig, ...] = ()
+    max_attempts: int = 10
+    retry_initial_s: float = 10.0
+    retry_max_s: float = 900.0
+    poll_interval_s: float = 1.0
+    timeout_s: float = 30.0
+    batch_size: int = 64
+
+    def __post_init__(self) -> None:
+        _check_ae(self.calling_ae_title, "results.calling_ae_title")
+        labels = [d.label for d in self.destinations]
+        _check(len(set(labels)) == len(labels), "results.destinations",
+               "two destinations have the same name (set `name` to tell them apart)")
+        _check(self.max_attempts >= 1, "results.max_attempts", "must be >= 1")
+        _check(self.retry_initial_s > 0, "results.retry_initial_s", "must be > 0")
+        _check(self.retry_max_s >= self.retry_initial_s, "results.retry_max_s",
+               "must be >= results.retry_initial_s")
+        _check(self.poll_interval_s > 0, "results.poll_interval_s", "must be > 0")
+        _check(self.timeout_s > 0, "results.timeout_s", "must be > 0")
+        _check(1 <= self.batch_size <= 1000, "results.batch_size", "must be 1..1000")
+
+    def wants(self, kind: str) -> list[DestinationConfig]:
+        """Return the destinations that are sent objects of ``kind`` ("sr" or "overlay")."""
+        return [d for d in self.destinations if kind in d.send]
+
+
 @dataclass(frozen=True)
 class Config:
     """The whole configuration."""
@@ -446,6 +535,7 @@ class Config:
     drift: DriftConfig = field(default_factory=DriftConfig)
     worklist: WorklistConfig = field(default_factory=WorklistConfig)
     replay: ReplayConfig = field(default_factory=ReplayConfig)
+    results: ResultsConfig = field(default_factory=ResultsConfig)
 
 
 def _suggest(key: str, known: typing.Iterable[str]) -> str:

@@ -18,7 +18,15 @@ from triage.store import schema as db
 from triage.store.database import make_engine, open_db
 from triage.store.repository import Store
 from triage.store.retention import purge_reported
-from triage.store.schema import ImageResult, Instance, Replacement, Result, Study
+from triage.store.schema import (
+    Delivery,
+    ImageResult,
+    Instance,
+    Replacement,
+    Result,
+    ResultObject,
+    Study,
+)
 
 DAY = 86400.0
 NOW = 100 * DAY
@@ -41,9 +49,10 @@ def make_store(root: Path) -> Store:
 
 
 def add(store: Store, root: Path, uid: str, state: str, reported_at: float | None) -> list[Path]:
-    """Insert a study with one instance (replaced once), one result and one overlay; write the files."""
+    """Insert a study with one instance (replaced once), one result, one overlay and one SR in
+    the outbox; write the files."""
     files = [root / "spool" / f"{uid}/a.dcm", root / "spool" / f"{uid}/old.dcm",
-             root / "heatmaps" / f"{uid}/h.png"]
+             root / "heatmaps" / f"{uid}/h.png", root / "outbox" / f"{uid}/sr.dcm"]
     for f in files:
         f.parent.mkdir(parents=True, exist_ok=True)
         f.write_bytes(b"x")
@@ -64,6 +73,11 @@ def add(store: Store, root: Path, uid: str, state: str, reported_at: float | Non
         s.add(ImageResult(result_id=res.id, instance_id=inst.id, probability=0.5,
                           heatmap_path=f"heatmaps/{uid}/h.png",
                           scored_at=1.0))
+        obj = ResultObject(result_id=res.id, kind=db.SR, sop_class_uid="1.2.840.10008.5.1.4.1.1.88.34",
+                           series_uid=uid + ".8", sop_instance_uid=uid + ".9", series_number=9001,
+                           instance_number=1, relpath=f"outbox/{uid}/sr.dcm", created_at=1.0)
+        s.add(Delivery(object=obj, destination="PACS", state=db.SENT, attempts=1,
+                       next_attempt_at=1.0, sent_at=1.0))
     return files
 
 
@@ -79,12 +93,12 @@ def test_purge_removes_old_reported_studies_and_keeps_everything_else(tmp_path: 
     unread = add(store, tmp_path, "unread", db.SCORED, None)
     queued = add(store, tmp_path, "queued", db.COMPLETE, NOW - 40 * DAY)
     out = purge_reported(store, tmp_path / "spool", tmp_path, 30 * DAY, NOW)
-    assert (out.studies, out.files) == (1, 3)
+    assert (out.studies, out.files) == (1, 4)
     assert not any(f.exists() for f in old)
     assert all(f.exists() for f in recent + unread + queued)
     assert _uids(store) == {"recent", "unread", "queued"}
     with store.read() as s:
-        for table in (Instance, Replacement, Result, ImageResult):
+        for table in (Instance, Replacement, Result, ImageResult, ResultObject, Delivery):
             assert s.scalar(select(func.count()).select_from(table)) == 3
     # a second run finds nothing more
     assert purge_reported(store, tmp_path / "spool", tmp_path, 30 * DAY, NOW).studies == 0

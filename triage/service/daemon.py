@@ -18,6 +18,7 @@ from triage.config import Config
 from triage.core.errors import TriageError
 from triage.inference.model import OnnxModel
 from triage.service.jobs import Jobs
+from triage.service.sender import OutboxSender
 from triage.service.worker import ScoringWorker
 from triage.store.database import open_db
 from triage.store.repository import Store
@@ -40,6 +41,7 @@ class Daemon:
     worker: ScoringWorker
     pages: Pages
     web: WebServer
+    sender: OutboxSender
     jobs: Jobs = field(default_factory=Jobs)
 
     @property
@@ -54,7 +56,8 @@ class Daemon:
 
     def start(self) -> None:
         """Recover the spool and render the worklist; start the web server, the listener, the
-        scheduled jobs and the worker. Raises TriageError or OSError when an address is in use."""
+        scheduled jobs, the outbox sender and the worker. Raises TriageError or OSError when an
+        address is in use."""
         self.spool.cleanup_temp()
         self.store.reconcile(self.spool)
         self.pages.render_worklist()
@@ -64,10 +67,15 @@ class Daemon:
         except BaseException:
             self.web.stop()
             raise
-        self.worker.on_result = lambda _rid: self.jobs.soon(
-            "render-after-result", self.pages.render_worklist, self.cfg.worklist.render_debounce_s)
+        self.worker.on_result = self._on_result
         self.jobs.start(self._intervals())  # before the worker, so no result misses its render
+        self.sender.start()  # outbox rows left by a previous run are sent first
         self.worker.start()
+
+    def _on_result(self, _result_id: int) -> None:
+        self.sender.wake()
+        self.jobs.soon("render-after-result", self.pages.render_worklist,
+                       self.cfg.worklist.render_debounce_s)
 
     def _intervals(self) -> dict[str, tuple[float, Any]]:
         quiet, wl = self.cfg.studies.quiet_period_s, self.cfg.worklist
@@ -105,6 +113,7 @@ class Daemon:
         self.scp.stop(drain_timeout_s)
         self.web.stop()
         self.worker.stop()
+        self.sender.stop()
         self.jobs.stop()
         self.store.engine.dispose()
 
@@ -135,12 +144,13 @@ def build_daemon(cfg: Config) -> Daemon:
     except OSError as e:
         raise TriageError(f"data directory {st.root} is not usable: {e.strerror or e}") from e
     store = Store(open_db(st.db_path))
+    sender = OutboxSender(cfg.results, store, st.root)
     model = load_model(cfg)
     worker = ScoringWorker(cfg, store, model, st.root)
     pages = Pages(store, st.root / "www", model_info(worker), cfg.worklist)
     app = build_app(pages, st.root, cfg.web)
     return Daemon(cfg, store, spool, StoreScp(scp_settings(cfg), spool, store), worker, pages,
-                  WebServer(cfg.web, app))
+                  WebServer(cfg.web, app), sender)
 
 
 def model_info(worker: ScoringWorker) -> ModelInfo:

@@ -11,6 +11,7 @@ from sqlalchemy import func, select
 
 from triage.config import Config
 from triage.core.errors import TriageError
+from triage.store import outbox
 from triage.store import schema as db
 from triage.store.database import current_revision, make_engine
 from triage.store.repository import Store
@@ -33,6 +34,7 @@ def gather(cfg: Config) -> dict[str, Any]:
             day_ago = time.time() - 86400
             rejected = s.scalar(select(func.count()).select_from(Rejection)
                                 .where(Rejection.at >= day_ago)) or 0
+        sends = outbox.totals(store)
         revision = current_revision(engine)
     finally:
         engine.dispose()
@@ -45,6 +47,9 @@ def gather(cfg: Config) -> dict[str, Any]:
             "at": time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(last.at)),
             "n": last.n, "psi": last.psi, "ks": last.ks, "alert": last.alert,
             "summary": last.summary},
+        "outbox": {**{state: sum(d[state] for d in sends.values()) for state in db.OUTBOX_STATES},
+                   "destinations": sends,
+                   "configured": [d.label for d in cfg.results.destinations]},
         "model": _model(cfg),
     }
 
@@ -70,7 +75,20 @@ def render(st: dict[str, Any]) -> str:
     d = st["last_drift_check"]
     lines.append("last drift check: never" if d is None else
                  f"last drift check: {d['at']} {'ALERT' if d['alert'] else 'ok'}: {d['summary']}")
+    lines.append(_outbox_line(st["outbox"]))
     m = st["model"]
     lines.append(f"model: {m.get('name')} sha256 {str(m.get('sha256'))[:12]} ({m['path']})")
     lines.append(f"database: {st['database']} (schema {st['schema_revision']})")
     return "\n".join(lines)
+
+
+def _outbox_line(o: dict[str, Any]) -> str:
+    if not o["destinations"] and not o["configured"]:
+        return "results to the PACS: none (no [[results.destinations]] configured)"
+    line = (f"results to the PACS: {o[db.PENDING]} pending, {o[db.SENT]} sent, "
+            f"{o[db.DEAD]} dead letter{'' if o[db.DEAD] == 1 else 's'}")
+    if o[db.DEAD]:
+        line += " (`triage outbox list` shows them, `triage outbox retry` queues them again)"
+    for dest, n in sorted(o["destinations"].items()):
+        line += f"\n  {dest}: {n[db.PENDING]} pending, {n[db.SENT]} sent, {n[db.DEAD]} dead"
+    return line

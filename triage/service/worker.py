@@ -9,7 +9,10 @@ backlog is simply the number of complete studies.
 
 Exactly-once: a result row and the study's new state are written in one
 transaction, and results are unique per (study, version). A crash before that
-commit leaves the study complete, so the restarted worker scores it once.
+commit leaves the study complete, so the restarted worker scores it once. The
+same transaction plans what goes back to the PACS (:func:`triage.store.outbox.plan`:
+the SR and overlays with their UIDs, one outbox row per destination), so a
+result is never recorded without its sends, nor a send without its result.
 """
 
 from __future__ import annotations
@@ -33,6 +36,7 @@ from triage.imaging.prepare import Prepared
 from triage.inference.decoders import DecoderPool
 from triage.inference.model import Model
 from triage.inference.scoring import ImageScore, infer
+from triage.store import outbox
 from triage.store import schema as db
 from triage.store.schema import ImageResult, Instance, Result, Study
 
@@ -69,6 +73,11 @@ class ScoringWorker:
         self.thresholds: dict[str, float | None] = {**model.thresholds, **cfg.worker.tier_overrides}
         self.model_name = str(model.card.get("name", Path(getattr(model, "path", "model")).stem))
         self.model_sha = str(model.card.get("sha256", ""))
+        self.thresholds_source = thresholds_source(self.model_name, self.model_sha,
+                                                   cfg.worker.tier_overrides)
+        # {kind: destination labels}: what each result sends where (empty: nothing).
+        self.wants = {kind: [d.label for d in cfg.results.wants(kind)]
+                      for kind in (db.SR, db.OVERLAY)}
         self.pool = pool or decoder_pool(cfg.worker.processes, dict(model.card))
         # Called with the result id after each result is committed (the daemon
         # schedules a worklist render); it must return quickly.
@@ -198,12 +207,15 @@ class ScoringWorker:
                          previous_tier=prev.tier if prev else None, tier_change=change,
                          reasons=json.dumps(reason_list), model_name=self.model_name,
                          model_sha256=self.model_sha, thresholds=json.dumps(self.thresholds),
+                         thresholds_source=self.thresholds_source,
                          timings=json.dumps(timings), created_at=now)
             s.add(res)
-            for im in images:
-                s.add(ImageResult(result=res, instance_id=im.key, probability=probs.get(im.key),
-                                  reason=im.reason, heatmap_path=files.get(im.key), scored_at=now,
-                                  **{k: im.meta.get(k) for k in IMAGE_META}))
+            rows = [ImageResult(result=res, instance_id=im.key, probability=probs.get(im.key),
+                                reason=im.reason, heatmap_path=files.get(im.key), scored_at=now,
+                                **{k: im.meta.get(k) for k in IMAGE_META})
+                    for im in sorted(images, key=lambda im: im.key)]
+            s.add_all(rows)
+            outbox.plan(s, res, rows, self.wants, now)
             study.state = state
             s.flush()
             rid = res.id
@@ -223,3 +235,14 @@ class ScoringWorker:
                 f" ({change} from previous version)" if change else "",
                 f"; {len(reasons)} image(s) unscored" if reasons else "")
         (log.warning if change == "fall" else log.info)(msg, *args)
+
+
+def thresholds_source(model_name: str, model_sha: str, overrides: dict[str, float]) -> str:
+    """Return where the worker's thresholds come from, as results record it (at most 128 chars).
+
+    The model card's, with ``worker.tier_overrides`` named when they replace some.
+    """
+    text = f"model card {model_name} (sha256 {model_sha[:12]})"
+    if overrides:
+        text += "; worker.tier_overrides: " + ", ".join(sorted(overrides))
+    return text[:128]

@@ -74,3 +74,10 @@ def open_db(db_path: Path) -> Engine:
     if before != after:
         log.info("database migrated from %s to %s", before or "empty", after)
     return engine
+
+
+def downgrade(engine: Engine, revision: str) -> None:
+    """Migrate the database down to ``revision`` (tests and operators undoing an upgrade)."""
+    from alembic import command
+
+    command.downgrade(alembic_config(engine), revision)

@@ -2,7 +2,8 @@
 
 Only a study a radiologist marked reported, in a final state (scored,
 unscored or failed), and reported more than the retention period ago is
-purged: its spool files (current and replaced), its overlays, and its rows.
+purged: its spool files (current and replaced), its overlays, the DICOM
+objects built for the PACS (sent or not), and its rows.
 A study nobody has marked reported is never touched, whatever its age, and
 neither is one that is receiving or waiting to be scored.
 
@@ -23,7 +24,15 @@ from typing import Any
 from sqlalchemy import delete, select
 
 from triage.store import schema as db
-from triage.store.schema import ImageResult, Instance, Replacement, Result, Study
+from triage.store.schema import (
+    Delivery,
+    ImageResult,
+    Instance,
+    Replacement,
+    Result,
+    ResultObject,
+    Study,
+)
 
 log = logging.getLogger(__name__)
 
@@ -58,12 +67,20 @@ def _files(session: Any, ids: list[int], spool: Path, data_root: Path) -> list[P
             .join(Result, Result.id == ImageResult.result_id).where(Result.study_id.in_(ids))):
         if heat:
             paths.append(data_root / heat)
+    for built in session.scalars(
+            select(ResultObject.relpath)
+            .join(Result, Result.id == ResultObject.result_id).where(Result.study_id.in_(ids))):
+        if built:
+            paths.append(data_root / built)
     return paths
 
 
 def _delete_rows(session: Any, ids: list[int]) -> None:
     inst_ids = select(Instance.id).where(Instance.study_id.in_(ids))
     res_ids = select(Result.id).where(Result.study_id.in_(ids))
+    obj_ids = select(ResultObject.id).where(ResultObject.result_id.in_(res_ids))
+    session.execute(delete(Delivery).where(Delivery.object_id.in_(obj_ids)))
+    session.execute(delete(ResultObject).where(ResultObject.result_id.in_(res_ids)))
     session.execute(delete(ImageResult).where(ImageResult.result_id.in_(res_ids)))
     session.execute(delete(Result).where(Result.study_id.in_(ids)))
     session.execute(delete(Replacement).where(Replacement.instance_id.in_(inst_ids)))

@@ -11,6 +11,7 @@ from sqlalchemy import (
     Boolean,
     Float,
     ForeignKey,
+    Index,
     Integer,
     String,
     Text,
@@ -117,6 +118,10 @@ class Result(Base):
     model_name: Mapped[str] = mapped_column(String(128), nullable=False)
     model_sha256: Mapped[str] = mapped_column(String(64), nullable=False)
     thresholds: Mapped[str] = mapped_column(Text, nullable=False)  # JSON
+    # Where the thresholds came from: "model card" (with worker.tier_overrides
+    # noted when they apply) or, once site profiles exist, the profile's name.
+    thresholds_source: Mapped[str] = mapped_column(String(128), nullable=False,
+                                                   server_default="model card")
     timings: Mapped[str] = mapped_column(Text, nullable=False)  # JSON, seconds per stage
     created_at: Mapped[float] = mapped_column(Float, nullable=False)
     images: Mapped[list[ImageResult]] = relationship(back_populates="result")
@@ -168,3 +173,58 @@ class Alert(Base):
     kind: Mapped[str] = mapped_column(String(32), nullable=False)
     message: Mapped[str] = mapped_column(Text, nullable=False)
     active: Mapped[bool] = mapped_column(Boolean, nullable=False)
+
+
+# Result object kinds and outbox states. An outbox row moves pending -> sent,
+# or pending -> dead after results.max_attempts failed attempts;
+# `triage outbox retry` moves dead back to pending.
+SR, OVERLAY = "sr", "overlay"
+PENDING, SENT, DEAD = "pending", "sent", "dead"
+OUTBOX_STATES = (PENDING, SENT, DEAD)
+
+
+class ResultObject(Base):
+    """A DICOM object a result produces (its SR, an image's overlay), with UIDs fixed at recording.
+
+    The row is written in the result's transaction, before any send, so every
+    attempt at any destination sends the same SOP Instance UID. ``relpath``
+    is set once the file is built (under the data directory).
+    """
+
+    __tablename__ = "result_objects"
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    result_id: Mapped[int] = mapped_column(ForeignKey("results.id"), nullable=False, index=True)
+    image_result_id: Mapped[int | None] = mapped_column(ForeignKey("image_results.id"))
+    kind: Mapped[str] = mapped_column(String(16), nullable=False)  # sr | overlay
+    sop_class_uid: Mapped[str] = mapped_column(String(64), nullable=False)
+    series_uid: Mapped[str] = mapped_column(String(64), nullable=False)
+    sop_instance_uid: Mapped[str] = mapped_column(String(64), unique=True, nullable=False)
+    series_number: Mapped[int] = mapped_column(Integer, nullable=False)
+    instance_number: Mapped[int] = mapped_column(Integer, nullable=False)
+    relpath: Mapped[str | None] = mapped_column(Text)
+    created_at: Mapped[float] = mapped_column(Float, nullable=False)
+    result: Mapped[Result] = relationship()
+    image: Mapped[ImageResult | None] = relationship()
+    deliveries: Mapped[list[Delivery]] = relationship(back_populates="object")
+
+
+class Delivery(Base):
+    """One object to one destination: the durable outbox entry and its state."""
+
+    __tablename__ = "outbox"
+    __table_args__ = (
+        UniqueConstraint("object_id", "destination", name="uq_outbox_object_destination"),
+        Index("ix_outbox_due", "state", "next_attempt_at"),
+    )
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    object_id: Mapped[int] = mapped_column(ForeignKey("result_objects.id"), nullable=False,
+                                           index=True)
+    destination: Mapped[str] = mapped_column(String(64), nullable=False)  # its label
+    state: Mapped[str] = mapped_column(String(16), nullable=False)  # pending | sent | dead
+    attempts: Mapped[int] = mapped_column(Integer, nullable=False)
+    next_attempt_at: Mapped[float] = mapped_column(Float, nullable=False)
+    last_attempt_at: Mapped[float | None] = mapped_column(Float)
+    last_status: Mapped[int | None] = mapped_column(Integer)  # the last C-STORE status
+    last_error: Mapped[str | None] = mapped_column(Text)
+    sent_at: Mapped[float | None] = mapped_column(Float)
+    object: Mapped[ResultObject] = relationship(back_populates="deliveries")

@@ -38,6 +38,7 @@ from triage.core.worklist import (
     to_json,
 )
 from triage.files import write_atomic
+from triage.store import outbox
 from triage.store import schema as db
 from triage.store.schema import Alert, ImageResult, Result, Study
 
@@ -218,7 +219,8 @@ class Pages:
         return self.out_dir / "worklist.json"
 
     def _banner(self) -> dict[str, Any]:
-        return {"alerts": active_alerts(self.store), "model": self.model}
+        return {"alerts": active_alerts(self.store), "model": self.model,
+                "outbox_dead": outbox.dead_letter_count(self.store)}
 
     def render_worklist(self) -> list[Placed]:
         """Render the worklist page and its JSON, then rename both into place; return the rows."""
