@@ -219,11 +219,27 @@ def _guard_train(args: argparse.Namespace) -> int:
                                  Path(args.adult_root) if args.adult_root else adults.parent)
     run, held = guard.train_guard(samples, epochs=args.epochs, seed=args.seed,
                                   threads=cfg.train.threads)
-    measured = guard.rates(run, held)
+    measured = guard.rates(guard.torch_scorer(run.net), held)
     card = guard.export(run, measured, Path(args.out), args.name, {
         "paediatric_split": str(split), "paediatric_split_sha256": file_sha256(split),
         "adult_manifest": str(adults), "adult_manifest_sha256": file_sha256(adults),
         "epochs": str(args.epochs), "seed": str(args.seed)})
+    log.info("thresholds %s; held out: %s", card["thresholds"], json.dumps(card["held_out"]))
+    return 0
+
+
+def _guard_calibrate(args: argparse.Namespace) -> int:
+    import json
+    from pathlib import Path
+
+    from triage.training import guard
+
+    cfg = load_config(args)
+    setup_logging(cfg.logging.level)
+    adults = Path(args.adult_manifest)
+    samples = guard.read_sources(Path(args.paediatric_split), Path(args.paediatric_root), adults,
+                                 Path(args.adult_root) if args.adult_root else adults.parent)
+    card = guard.recalibrate(Path(args.card), samples)
     log.info("thresholds %s; held out: %s", card["thresholds"], json.dumps(card["held_out"]))
     return 0
 
@@ -250,6 +266,17 @@ def _add_guard(sub: SubParsers) -> None:
     t.add_argument("--epochs", type=int, default=10)
     t.add_argument("--seed", type=int, default=42)
     t.set_defaults(func=_guard_train)
+    c = gsub.add_parser("calibrate", help="choose an exported guard's thresholds again",
+                        description="Score the validation and held-out images with the exported "
+                                    "guard, choose its thresholds on validation and rewrite its "
+                                    "card's thresholds and measured rates.")
+    config_args(c)
+    c.add_argument("--card", metavar="JSON", required=True, help="the guard's card")
+    c.add_argument("--paediatric-split", metavar="CSV", required=True)
+    c.add_argument("--paediatric-root", metavar="DIR", required=True)
+    c.add_argument("--adult-manifest", metavar="CSV", required=True)
+    c.add_argument("--adult-root", metavar="DIR")
+    c.set_defaults(func=_guard_calibrate)
 
 
 def add(sub: SubParsers) -> None:
