@@ -37,12 +37,41 @@ def _fp32_session() -> tuple[object, torch.nn.Module, dict]:
 def test_onnx_matches_torch_within_tolerance() -> None:
     sess, net, _ = _fp32_session()
     x = _inputs()
-    out = export.run_session(sess, x)
+    out = export.run_session(sess, x, outputs=export.OUTPUT_NAMES)
     with torch.no_grad():
-        prob, z, cam = (t.numpy() for t in net(torch.as_tensor(x)))
+        prob, z, cam, emb = (t.numpy() for t in net(torch.as_tensor(x)))
     np.testing.assert_allclose(out["probability"], prob, atol=PROB_ATOL)
     np.testing.assert_allclose(out["logit"], z, rtol=1e-4, atol=1e-4)
     np.testing.assert_allclose(out["cam"], cam, rtol=CAM_RTOL, atol=CAM_ATOL)
+    np.testing.assert_allclose(out["embedding"], emb, rtol=1e-4, atol=1e-4)
+
+
+def test_the_ood_distance_is_near_one_in_distribution_and_far_for_other_inputs() -> None:
+    from triage.training import ood
+
+    rng = np.random.default_rng(0)
+    base = rng.normal(0, 1, (40, 8)) @ rng.normal(0, 1, (8, 32))  # a low-rank cloud in 32-d
+    train, val = base[:600 // 20], base[30:]
+    net = ood.fit(np.vstack([train, rng.normal(0, 0.01, (400, 32)) + train.mean(0)]), k=8)
+    near = ood.distances(net, val)
+    far = ood.distances(net, rng.normal(0, 5, (20, 32)))  # off the cloud's subspace
+    assert np.median(far) > 10 * np.median(near)
+    thr = ood.threshold(near, 0.2)
+    assert (near >= thr).mean() <= 0.2
+
+
+def test_the_exported_model_ships_its_ood_graph_and_threshold() -> None:
+    m = tiny_model()
+    card = json.loads(m.card.read_text())
+    entry = card["out_of_distribution"]
+    path = m.onnx.with_name(entry["file"])
+    assert path.is_file() and entry["threshold"] > 0
+    assert entry["validation"]["refused"] <= max(1, round(entry["validation"]["n"] * 0.01))
+    sess = export.onnx_session(path)
+    emb = export.run_session(export.onnx_session(m.onnx), _inputs(2),
+                             outputs=("embedding",))["embedding"]
+    (d,) = sess.run(["distance"], {"embedding": emb.astype(np.float32)})
+    assert d.shape == (2,) and np.all(d >= 0)
 
 
 def test_calibration_is_baked_in() -> None:

@@ -20,6 +20,8 @@ from triage.core.errors import InputError
 
 INPUT_NAME = "image"
 OUTPUT_NAMES = ("probability", "logit", "cam")
+# Models exported since the input guard also give their pooled features.
+ALL_OUTPUTS = (*OUTPUT_NAMES, "embedding")
 
 
 class Model(Protocol):

@@ -33,7 +33,14 @@ from torch import nn
 
 import triage.training.compat  # noqa: F401  (must precede torchvision)
 from triage.files import write_atomic
-from triage.inference.model import INPUT_NAME, OUTPUT_NAMES, onnx_session, run_session
+from triage.inference.model import (
+    ALL_OUTPUTS as OUTPUT_NAMES,
+)
+from triage.inference.model import (
+    INPUT_NAME,
+    onnx_session,
+    run_session,
+)
 
 log = logging.getLogger(__name__)
 
@@ -55,26 +62,30 @@ class ExportNet(nn.Module):
         self.register_buffer("temperature", torch.tensor(float(temperature)))
         self.register_buffer("prior_shift", torch.tensor(float(prior_shift)))
 
-    def _logit_cam(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def _outputs(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         f = self.body(x)
-        logit = self.head(f.mean(dim=(2, 3)))[:, 0]
+        pooled = f.mean(dim=(2, 3))
+        logit = self.head(pooled)[:, 0]
         w = self.head.weight[0].view(1, -1, 1, 1)
         cam = torch.relu((f * w).sum(dim=1)) / float(f.shape[2] * f.shape[3])
-        return logit, cam
+        return logit, cam, pooled
 
-    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """Return (probability, calibrated logit, Grad-CAM map) for a batch.
+    def forward(self, x: torch.Tensor
+                ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Return (probability, calibrated logit, Grad-CAM map, embedding) for a batch.
 
-        With ``tta="flip"`` the logit is the mean over the image and its mirror,
-        and the map the mean of both maps (the mirror's flipped back).
+        The embedding is the pooled last feature map (what the out-of-distribution
+        check measures). With ``tta="flip"`` logit, map and embedding are the mean
+        over the image and its mirror (the mirror's map flipped back).
         """
-        logit, cam = self._logit_cam(x)
+        logit, cam, emb = self._outputs(x)
         if self.tta == "flip":
-            logit_m, cam_m = self._logit_cam(torch.flip(x, dims=(3,)))
+            logit_m, cam_m, emb_m = self._outputs(torch.flip(x, dims=(3,)))
             logit = (logit + logit_m) / 2
             cam = (cam + torch.flip(cam_m, dims=(2,))) / 2
+            emb = (emb + emb_m) / 2
         z = (logit - self.prior_shift) / self.temperature
-        return torch.sigmoid(z), z, cam
+        return torch.sigmoid(z), z, cam, emb
 
 
 def export_fp32(net: ExportNet, size: int, path: str | Path) -> Path:
@@ -292,7 +303,8 @@ def run(checkpoint: str | Path, calibration_json: str | Path, samples: Sequence[
         pick = [tr[i] for i in sorted(rng.choice(len(tr), min(n_calib, len(tr)), replace=False))]
         x_cal, _ = _prepared(pick, meta, "prepare int8 calibration")
         paths["int8"] = quantize_int8(paths["fp32"], work / f"{name}.int8.onnx", x_cal)
-    results = {k: run_session(onnx_session(p, threads), x_val) for k, p in paths.items()}
+    results = {k: run_session(onnx_session(p, threads), x_val, outputs=OUTPUT_NAMES)
+               for k, p in paths.items()}
     with torch.inference_mode():
         torch_prob = net(torch.as_tensor(x_val[:32]))[0].numpy()
     evals = {k: _evaluate(r["probability"], y_val, cal_cfg) for k, r in results.items()}
@@ -311,5 +323,28 @@ def run(checkpoint: str | Path, calibration_json: str | Path, samples: Sequence[
     feature_shape = list(results[chosen]["cam"].shape[1:])
     channels = int(model.last_channel)  # type: ignore[arg-type]
     card = build_card(meta, cal, shipped, variants, [channels, *feature_shape])
+    card["out_of_distribution"] = _fit_ood(paths[chosen], samples, meta, results[chosen],
+                                           out / f"{name}.ood.onnx", threads)
     write_json(out / f"{name}.json", card)
     return card
+
+
+def _fit_ood(model_path: Path, samples: Sequence[Any], meta: dict[str, Any],
+             val_outputs: dict[str, np.ndarray], path: Path, threads: int,
+             n_train: int = 2000) -> dict[str, Any]:
+    """Fit the out-of-distribution distance on training embeddings (of the shipped variant),
+    choose its threshold on validation, write its ONNX graph; return its card entry."""
+    from triage.training import ood
+    from triage.training.train import file_sha256
+
+    rng = np.random.default_rng(1)
+    tr = [s for s in samples if s.split == "train"]
+    pick = [tr[i] for i in sorted(rng.choice(len(tr), min(n_train, len(tr)), replace=False))]
+    x_tr, _ = _prepared(pick, meta, "prepare embeddings")
+    emb_tr = run_session(onnx_session(model_path, threads), x_tr, outputs=("embedding",))
+    net = ood.fit(emb_tr["embedding"])
+    val_d = ood.distances(net, val_outputs["embedding"])
+    thr = ood.threshold(val_d)
+    ood.export(net, path, int(emb_tr["embedding"].shape[1]))
+    return ood.card_entry(path, thr, val_d, len(pick), int(net.components.shape[0]),
+                          file_sha256(path))
