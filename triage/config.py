@@ -182,6 +182,7 @@ class ModelConfig:
     path: str = "models/cxr-pneumonia-mnv2.onnx"
     card: str = ""
     threads: int = 2
+    site_profile: str = ""
 
     def __post_init__(self) -> None:
         _check(bool(self.path), "model.path", "must not be empty")
@@ -197,6 +198,14 @@ class ModelConfig:
         """
         p = Path(self.path).expanduser()
         return p if p.is_absolute() else resources.data_root() / p
+
+    @property
+    def site_profile_path(self) -> Path | None:
+        """The site profile (``triage site calibrate``), or None for the card's thresholds.
+
+        A relative path is resolved against the working directory.
+        """
+        return Path(self.site_profile).expanduser() if self.site_profile else None
 
     @property
     def card_path(self) -> Path:

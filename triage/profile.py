@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import datetime as _dt
 import tomllib
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -44,9 +44,44 @@ class SiteProfile:
         return f"site profile{name} of {self.created[:10]} ({self.path.name})"
 
 
-def thresholds_source(profile: SiteProfile | None) -> str:
-    """Return the words results use for where their thresholds came from."""
-    return CARD if profile is None else profile.source
+def thresholds_source(profile: SiteProfile | None, model_name: str = "", model_sha: str = "",
+                      overrides: Sequence[str] = ()) -> str:
+    """Return the words results use for where their thresholds came from (at most 128 chars).
+
+    The site profile's when one is applied, else the model card's (named by
+    ``model_name`` and ``model_sha`` when given); ``worker.tier_overrides``
+    that replace some points are named after it.
+    """
+    if profile is not None:
+        text = profile.source
+    elif model_name or model_sha:
+        text = f"{CARD} {model_name} (sha256 {model_sha[:12]})".replace("  ", " ")
+    else:
+        text = CARD
+    if overrides:
+        text += "; worker.tier_overrides: " + ", ".join(sorted(overrides))
+    return text[:128]
+
+
+def applied_thresholds(card_thresholds: Mapping[str, float | None], profile: SiteProfile | None,
+                       overrides: Mapping[str, float]) -> dict[str, float | None]:
+    """Return the thresholds scoring uses: the card's, replaced by the profile's, then overrides."""
+    return {**card_thresholds, **(profile.thresholds if profile is not None else {}), **overrides}
+
+
+def drift_reference(card: Mapping[str, Any], profile: SiteProfile | None) -> Mapping[str, Any]:
+    """Return what the drift watch compares recent scores with.
+
+    The card's validation distributions, or, with a profile that carries them,
+    the site's own (its replay's scores, prevalence and per-class scores).
+    """
+    if profile is None or not profile.reference_scores:
+        return card
+    raw = profile.raw
+    return {**card, "reference_scores": profile.reference_scores,
+            "reference_scores_pos": raw.get("reference_scores_pos"),
+            "reference_scores_neg": raw.get("reference_scores_neg"),
+            "reference_prevalence": profile.prevalence}
 
 
 def read_profile(path: str | Path, model_sha256: str | None = None) -> SiteProfile:

@@ -23,7 +23,7 @@ from triage.core import tiers
 from triage.core.errors import InputError, TriageError
 from triage.core.tiers import UNSCORED
 from triage.files import write_atomic
-from triage.profile import SiteProfile, thresholds_source
+from triage.profile import SiteProfile, applied_thresholds, thresholds_source
 from triage.replay.archive import ArchiveStudy, Skipped, scan_archive
 from triage.replay.labels import read_labels
 from triage.replay.records import ResultsFile, StudyRecord, check_model
@@ -66,18 +66,11 @@ def parse_hostport(text: str) -> tuple[str, int]:
     return host, int(port)
 
 
-def applied_thresholds(model_thresholds: Mapping[str, float | None], cfg: Any,
-                       profile: SiteProfile | None) -> dict[str, float | None]:
-    """Return the thresholds scoring uses: the site profile's, else the card's; overrides on top."""
-    base = profile.thresholds if profile is not None else model_thresholds
-    return {**base, **cfg.worker.tier_overrides}
-
-
 def _in_process(todo: Sequence[ArchiveStudy], model: Any, cfg: Any, workers: int,
                 save: Callable[[list[StudyRecord]], None], profile: SiteProfile | None) -> None:
     from triage.replay.scorers import InProcessScorer
 
-    thresholds = applied_thresholds(model.thresholds, cfg, profile)
+    thresholds = applied_thresholds(model.thresholds, profile, cfg.worker.tier_overrides)
     per_chunk = max(4, 4 * workers)
     with InProcessScorer(model, thresholds, workers, cfg.worker.batch_size) as scorer:
         for i in range(0, len(todo), per_chunk):
@@ -217,7 +210,7 @@ def run(opts: Options, cfg: Any, model: Any = None, card: Mapping[str, Any] | No
     records = [new.get(s.study_uid) or done[s.study_uid] for s in studies]
     warnings: list[str] = []
     if opts.site_profile is not None:
-        thresholds = applied_thresholds({}, cfg, opts.site_profile)
+        thresholds = applied_thresholds({}, opts.site_profile, cfg.worker.tier_overrides)
         records = _retier(records, thresholds)
     else:
         thresholds, warnings = _thresholds(records, model if opts.via is None else None, cfg)

@@ -105,6 +105,10 @@ def fit(data: Labelled, targets: Sequence[Target], confidence: float, site: str 
         "operating_points": [p.to_dict() for p in points],
         "card_operating_points": card_points,
         "reference_scores": metrics.score_distribution(data.image_scores),
+        # Per-class references let the drift watch tell a change in this site's prevalence
+        # from a change in how the model ranks its studies (study-level scores).
+        "reference_scores_pos": metrics.score_distribution(data.scores[data.labels == 1]),
+        "reference_scores_neg": metrics.score_distribution(data.scores[data.labels == 0]),
     }
     return doc, points
 

@@ -17,6 +17,7 @@ from dicom_io.spool import Spool
 from triage.config import Config
 from triage.core.errors import TriageError
 from triage.inference.model import OnnxModel
+from triage.profile import SiteProfile, drift_reference, read_profile
 from triage.service.jobs import Jobs
 from triage.service.sender import OutboxSender
 from triage.service.worker import ScoringWorker
@@ -93,7 +94,8 @@ class Daemon:
         """Run the drift watch now; returns its verdict. An alert shows on the next render."""
         from triage.service.drift_watch import check_drift
 
-        return check_drift(self.store, self.worker.model.card, self.cfg.drift)
+        return check_drift(self.store, drift_reference(self.worker.model.card, self.worker.profile),
+                           self.cfg.drift)
 
     def purge(self) -> Any:
         """Purge studies reported more than ``worklist.retention_days`` ago; returns what went.
@@ -137,6 +139,9 @@ def build_daemon(cfg: Config) -> Daemon:
     directory cannot be used.
     """
     check_exposure(cfg.web)
+    # The model and any site profile are checked before anything is created on disk.
+    model = load_model(cfg)
+    profile = load_site_profile(cfg, model)
     st = cfg.storage
     try:
         st.root.mkdir(parents=True, exist_ok=True)
@@ -145,8 +150,7 @@ def build_daemon(cfg: Config) -> Daemon:
         raise TriageError(f"data directory {st.root} is not usable: {e.strerror or e}") from e
     store = Store(open_db(st.db_path))
     sender = OutboxSender(cfg.results, store, st.root)
-    model = load_model(cfg)
-    worker = ScoringWorker(cfg, store, model, st.root)
+    worker = ScoringWorker(cfg, store, model, st.root, profile=profile)
     pages = Pages(store, st.root / "www", model_info(worker), cfg.worklist)
     app = build_app(pages, st.root, cfg.web)
     return Daemon(cfg, store, spool, StoreScp(scp_settings(cfg), spool, store), worker, pages,
@@ -157,7 +161,7 @@ def model_info(worker: ScoringWorker) -> ModelInfo:
     """Return what the pages show of the worker's model (thresholds with overrides applied)."""
     card = worker.model.card
     return ModelInfo(worker.model_name, worker.model_sha, str(card.get("created", "")),
-                     dict(worker.thresholds))
+                     dict(worker.thresholds), worker.thresholds_source)
 
 
 def load_model(cfg: Config) -> OnnxModel:
@@ -166,6 +170,20 @@ def load_model(cfg: Config) -> OnnxModel:
     if not m.onnx_path.exists():
         raise TriageError(f"model file {m.onnx_path} not found (config key model.path)")
     return OnnxModel.load_files(m.onnx_path, m.card_path, threads=m.threads)
+
+
+def load_site_profile(cfg: Config, model: OnnxModel) -> SiteProfile | None:
+    """Read ``model.site_profile`` if set; None otherwise.
+
+    Raises ConfigError (one line) when it cannot be read or was fitted for
+    another model than the one loaded.
+    """
+    path = cfg.model.site_profile_path
+    if path is None:
+        return None
+    profile = read_profile(path, str(model.card.get("sha256", "")))
+    log.info("operating points from %s", profile.source)
+    return profile
 
 
 def serve(cfg: Config) -> int:

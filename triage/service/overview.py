@@ -31,6 +31,8 @@ def gather(cfg: Config) -> dict[str, Any]:
             failed_results = s.scalar(select(func.count()).select_from(Result)
                                       .where(Result.state == db.FAILED)) or 0
             last = s.scalar(select(DriftCheck).order_by(DriftCheck.at.desc()).limit(1))
+            last_source = s.scalar(select(Result.thresholds_source)
+                                   .order_by(Result.id.desc()).limit(1))
             day_ago = time.time() - 86400
             rejected = s.scalar(select(func.count()).select_from(Rejection)
                                 .where(Rejection.at >= day_ago)) or 0
@@ -51,6 +53,8 @@ def gather(cfg: Config) -> dict[str, Any]:
                    "destinations": sends,
                    "configured": [d.label for d in cfg.results.destinations]},
         "model": _model(cfg),
+        "thresholds": {"configured_site_profile": cfg.model.site_profile or None,
+                       "last_result": last_source},
     }
 
 
@@ -78,6 +82,10 @@ def render(st: dict[str, Any]) -> str:
     lines.append(_outbox_line(st["outbox"]))
     m = st["model"]
     lines.append(f"model: {m.get('name')} sha256 {str(m.get('sha256'))[:12]} ({m['path']})")
+    t = st["thresholds"]
+    lines.append("thresholds: " + (f"site profile {t['configured_site_profile']}"
+                                   if t["configured_site_profile"] else "the model card's")
+                 + (f"; last result scored with the {t['last_result']}" if t["last_result"] else ""))
     lines.append(f"database: {st['database']} (schema {st['schema_revision']})")
     return "\n".join(lines)
 

@@ -36,6 +36,7 @@ from triage.imaging.prepare import Prepared
 from triage.inference.decoders import DecoderPool
 from triage.inference.model import Model
 from triage.inference.scoring import ImageScore, infer
+from triage.profile import SiteProfile, applied_thresholds, thresholds_source
 from triage.store import outbox
 from triage.store import schema as db
 from triage.store.schema import ImageResult, Instance, Result, Study
@@ -66,15 +67,16 @@ class ScoringWorker:
     """Scores complete studies in a background thread until stopped."""
 
     def __init__(self, cfg: Config, store: Any, model: Model, data_root: Path,
-                 pool: DecoderPool | None = None) -> None:
+                 pool: DecoderPool | None = None, profile: SiteProfile | None = None) -> None:
         self.cfg, self.store, self.model = cfg, store, model
+        self.profile = profile
         self.data_root = data_root
         self.heatmap_dir = data_root / "heatmaps"
-        self.thresholds: dict[str, float | None] = {**model.thresholds, **cfg.worker.tier_overrides}
+        self.thresholds = applied_thresholds(model.thresholds, profile, cfg.worker.tier_overrides)
         self.model_name = str(model.card.get("name", Path(getattr(model, "path", "model")).stem))
         self.model_sha = str(model.card.get("sha256", ""))
-        self.thresholds_source = thresholds_source(self.model_name, self.model_sha,
-                                                   cfg.worker.tier_overrides)
+        self.thresholds_source = thresholds_source(profile, self.model_name, self.model_sha,
+                                                   tuple(cfg.worker.tier_overrides))
         # {kind: destination labels}: what each result sends where (empty: nothing).
         self.wants = {kind: [d.label for d in cfg.results.wants(kind)]
                       for kind in (db.SR, db.OVERLAY)}
@@ -235,14 +237,3 @@ class ScoringWorker:
                 f" ({change} from previous version)" if change else "",
                 f"; {len(reasons)} image(s) unscored" if reasons else "")
         (log.warning if change == "fall" else log.info)(msg, *args)
-
-
-def thresholds_source(model_name: str, model_sha: str, overrides: dict[str, float]) -> str:
-    """Return where the worker's thresholds come from, as results record it (at most 128 chars).
-
-    The model card's, with ``worker.tier_overrides`` named when they replace some.
-    """
-    text = f"model card {model_name} (sha256 {model_sha[:12]})"
-    if overrides:
-        text += "; worker.tier_overrides: " + ", ".join(sorted(overrides))
-    return text[:128]

@@ -57,6 +57,7 @@ class ModelInfo:
     sha256: str
     created: str
     thresholds: dict[str, float | None]
+    thresholds_source: str = "model card"
 
     @property
     def version(self) -> str:
@@ -233,6 +234,7 @@ class Pages:
                 refresh_s=self.cfg.refresh_s, max_wait_min=self.cfg.routine_max_wait_min,
                 **self._banner())
             doc = {"rendered_at": now, "model": self.model.version,
+                   "thresholds_source": self.model.thresholds_source,
                    "studies": [to_json(p) for p in placed]}
             write_atomic(self.worklist_json, json.dumps(doc, indent=1))
             write_atomic(self.worklist_html, html)
