@@ -34,13 +34,14 @@ def test_priority_edges() -> None:
 
 
 def test_ranks_bands_and_lift_agree_on_one_order() -> None:
-    ranks = [tiers.rank(t, THRESHOLDS) for t in ("unscored", "routine", "abnormal", "urgent")]
+    ranks = [tiers.rank(t, THRESHOLDS) for t in ("pending", "routine", "abnormal", "urgent")]
     assert ranks == sorted(ranks) and len(set(ranks)) == 4
-    assert tiers.rank("pending", THRESHOLDS) == tiers.rank("unscored", THRESHOLDS)
+    # A refused or unreadable study is read in its first-come place among routine ones.
+    assert tiers.rank("unscored", THRESHOLDS) == tiers.rank("routine", THRESHOLDS)
     assert tiers.rank("retired-tier", THRESHOLDS) == tiers.rank("routine", THRESHOLDS)
-    assert tiers.band_order(THRESHOLDS) == ["urgent", "abnormal", "routine", "unscored", "pending"]
+    assert tiers.band_order(THRESHOLDS) == ["urgent", "abnormal", "routine", "pending"]
     assert tiers.band_order(THRESHOLDS, ["old"]) == ["urgent", "abnormal", "old", "routine",
-                                                     "unscored", "pending"]
+                                                     "pending"]
     assert tiers.lift_tier(THRESHOLDS) == "abnormal" and tiers.lift_tier({"a": None}) is None
     assert tiers.rank(tiers.lift_tier(THRESHOLDS) or "", THRESHOLDS) == tiers.LIFT_RANK
     assert tiers.ordered({"u": None, **THRESHOLDS}) == [("abnormal", 0.3), ("urgent", 0.8),
@@ -52,3 +53,4 @@ def test_change_is_rise_or_fall_by_rank() -> None:
     assert tiers.change("urgent", "urgent", THRESHOLDS) is None
     assert tiers.change("routine", "abnormal", THRESHOLDS) == "rise"
     assert tiers.change("urgent", "unscored", THRESHOLDS) == "fall"
+    assert tiers.change("routine", "unscored", THRESHOLDS) is None  # same place in the queue

@@ -35,10 +35,10 @@ def _rank(band: str) -> int:
 # --- pure ordering -----------------------------------------------------------------
 
 
-def test_bands_run_from_the_highest_threshold_down_then_routine_unscored_pending() -> None:
-    assert band_order(THRESHOLDS) == ["urgent", "abnormal", "routine", "unscored", PENDING]
+def test_bands_run_from_the_highest_threshold_down_then_routine_and_pending() -> None:
+    assert band_order(THRESHOLDS) == ["urgent", "abnormal", "routine", PENDING]
     assert band_order({"a": 0.9, "b": None, "c": 0.5}, ["old"]) == [
-        "a", "c", "b", "old", "routine", "unscored", PENDING]
+        "a", "c", "b", "old", "routine", PENDING]
     assert lift_band(THRESHOLDS) == "abnormal" and lift_band({}) is None
 
 
@@ -57,7 +57,8 @@ def test_ageing_lifts_only_studies_without_a_finding_and_only_into_the_lowest_po
     for p in arrange(rows, NOW, THRESHOLDS, max_wait):
         should_lift = p.row.tier in ("routine", "unscored", PENDING) and p.waited_s / 60 > max_wait
         assert p.aged == should_lift
-        assert p.band == ("abnormal" if should_lift else p.row.tier)
+        own = "routine" if p.row.tier == "unscored" else p.row.tier  # never demoted
+        assert p.band == ("abnormal" if should_lift else own)
     # an urgent study is never overtaken by a lifted one
     out = arrange(rows, NOW, THRESHOLDS, max_wait)
     urgent = [i for i, p in enumerate(out) if p.row.tier == "urgent"]
@@ -73,8 +74,15 @@ def test_waiting_longer_never_moves_a_study_down(tier: str, since: float, extra:
 
 
 def test_ageing_off_keeps_every_study_in_its_tier() -> None:
-    rows = [Row(1, "routine", 0.0), Row(2, "unscored", 0.0)]
-    assert [p.band for p in arrange(rows, NOW, THRESHOLDS, 0.0)] == ["routine", "unscored"]
+    rows = [Row(1, "routine", 0.0), Row(2, "abnormal", 0.0)]
+    assert [p.band for p in arrange(rows, NOW, THRESHOLDS, 0.0)] == ["abnormal", "routine"]
+
+
+def test_an_unscored_study_keeps_its_first_come_place_among_routine_ones() -> None:
+    rows = [Row(1, "routine", NOW - 60), Row(2, "unscored", NOW - 300), Row(3, "routine", NOW - 600)]
+    out = arrange(rows, NOW, THRESHOLDS, 0.0)
+    assert [p.row.study_id for p in out] == [3, 2, 1]
+    assert {p.band for p in out} == {"routine"} and out[1].row.tier == "unscored"
 
 
 def test_a_concrete_worklist_in_order() -> None:

@@ -169,7 +169,7 @@ def test_worklist_orders_by_tier_and_wait_and_escapes_headers(page: Any, site: S
     for tr in page.locator("#worklist tr.study").all():
         assert tr.locator(".tier").inner_text() == tr.get_attribute("data-tier")
     assert [b.get_attribute("data-band") for b in page.locator("#worklist tbody").all()] == [
-        "urgent", "abnormal", "routine", "unscored", "pending"]
+        "urgent", "abnormal", "routine", "pending"]
     assert "lateral" in page.locator("tr[data-tier=unscored] td.note").inner_text()
     # The hostile header values are shown as text, never run or parsed as markup.
     evil = page.locator("#worklist tr.study", has=page.locator("td.acc", has_text=EVIL_ACC))

@@ -18,6 +18,7 @@ ROUTINE = "routine"
 UNSCORED = "unscored"
 PENDING = "pending"
 BASE_TIERS = (ROUTINE, UNSCORED, PENDING)
+BANDS = (ROUTINE, PENDING)  # the worklist's bands below the operating points
 
 UNSCORED_RANK = 0
 ROUTINE_RANK = 1
@@ -52,13 +53,17 @@ def priority(probability: float | None, thresholds: Thresholds) -> str:
 
 
 def rank(tier: str, thresholds: Thresholds) -> int:
-    """Return how soon a tier is read: unscored 0, routine 1, then points from the lowest up.
+    """Return how soon a tier is read: pending 0, routine and unscored 1, then points from the
+    lowest up.
 
-    ``pending`` ranks with ``unscored``; a tier the thresholds do not name (a
+    An unscored study (refused by the guard, or unreadable) is never demoted below a routine
+    one: it keeps its first-come place among them. A tier the thresholds do not name (a
     result from an older model) ranks with ``routine``.
     """
-    if tier in (UNSCORED, PENDING):
+    if tier == PENDING:
         return UNSCORED_RANK
+    if tier == UNSCORED:  # a refused or unreadable study is read in its first-come place
+        return ROUTINE_RANK
     names = [n for n, _ in operating_points(thresholds)]
     return LIFT_RANK + names.index(tier) if tier in names else ROUTINE_RANK
 
@@ -73,18 +78,18 @@ def band_order(thresholds: Thresholds, tiers: Iterable[str] = ()) -> list[str]:
     """Return the worklist's bands, most urgent first.
 
     Operating points by threshold, highest first (unreachable ones after them);
-    tiers in ``tiers`` that the thresholds do not name follow; then routine,
-    unscored, pending.
+    tiers in ``tiers`` that the thresholds do not name follow; then routine (where unscored
+    studies sit in their first-come place) and pending.
     """
     points = [n for n, _ in sorted(operating_points(thresholds), key=lambda nt: (-nt[1], nt[0]))]
     points += [n for n, t in ordered(thresholds) if t is None]
     unknown = sorted({t for t in tiers if t not in thresholds and t not in BASE_TIERS})
-    return [*points, *unknown, *BASE_TIERS]
+    return [*points, *unknown, *BANDS]
 
 
 def change(before: str | None, after: str, thresholds: Thresholds) -> str | None:
     """Return "rise", "fall" or None for a tier that went from ``before`` to ``after``."""
-    if before is None or before == after:
+    if before is None or rank(before, thresholds) == rank(after, thresholds):
         return None
     return "rise" if rank(after, thresholds) > rank(before, thresholds) else "fall"
 

@@ -1,9 +1,11 @@
 """The worklist's order: which band each study sits in, and where in it (pure).
 
 Bands run from the operating point with the highest threshold (``urgent``)
-down to the lowest (``abnormal``), then ``routine``, ``unscored`` and
-``pending`` (received or queued, no result yet). Within a band the study that
-has waited longest comes first. The ageing rule lifts a routine, unscored or
+down to the lowest (``abnormal``), then ``routine`` and ``pending`` (received
+or queued, no result yet). An ``unscored`` study (refused by the input guard
+or unreadable) sits in the routine band in its first-come place: never
+demoted, never hidden. Within a band the study that has waited longest comes
+first. The ageing rule lifts a routine, unscored or
 pending study that has waited past a limit into the lowest operating-point
 band, so nothing starves. Nothing here reads the clock, the disk or the
 database: the caller passes ``now`` and the rows.
@@ -15,7 +17,7 @@ from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from triage.core.tiers import BASE_TIERS, LIFT_RANK, band_order, lift_tier
+from triage.core.tiers import BASE_TIERS, LIFT_RANK, ROUTINE, UNSCORED, band_order, lift_tier
 
 AGEABLE = frozenset(BASE_TIERS)
 
@@ -90,7 +92,7 @@ def place(row: Row, now: float, thresholds: Mapping[str, float | None],
     lift = lift_tier(thresholds)
     if lift is not None and row.tier in AGEABLE and is_aged(waited / 60.0, max_wait_min):
         return Placed(row, lift, True, waited)
-    return Placed(row, row.tier, False, waited)
+    return Placed(row, ROUTINE if row.tier == UNSCORED else row.tier, False, waited)
 
 
 def arrange(rows: Iterable[Row], now: float, thresholds: Mapping[str, float | None],
