@@ -84,7 +84,10 @@ def make_config(data_dir: Path, **overrides: Any) -> Config:
                                       "storage.min_free_mb": 0,
                                       "model.path": str(model_for_tests()),
                                       "worker.processes": 1, "worker.poll_interval_s": 0.1,
-                                      "drift.interval_s": 3600.0})
+                                      "drift.interval_s": 3600.0,
+                                      # The guard network is tested on its own (tests/inference/
+                                      # test_guard.py); elsewhere only the header check runs.
+                                      "guard.path": ""})
     return config_mod.override(cfg, **overrides) if overrides else cfg
 
 

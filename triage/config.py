@@ -528,6 +528,43 @@ class ResultsConfig:
 
 
 @dataclass(frozen=True)
+class GuardConfig:
+    """The input guard: what runs before the model on every image (docs/guard.md)."""
+
+    # The guard network (P(adult), P(frontal)); "" turns the image checks off.
+    path: str = ""
+    threads: int = 1
+    # PatientAge (or PatientBirthDate with StudyDate) outside the model card's population.
+    population_header: str = "refuse"  # refuse | warn | off
+    # The image looks like an adult's when the header has no age or says a child's.
+    population_from_image: str = "refuse"  # refuse | warn | off
+    # The image does not look like a frontal chest radiograph.
+    view_from_image: str = "when_absent"  # when_absent | always | off
+
+    def __post_init__(self) -> None:
+        for key, value, allowed in (
+                ("population_header", self.population_header, ("refuse", "warn", "off")),
+                ("population_from_image", self.population_from_image, ("refuse", "warn", "off")),
+                ("view_from_image", self.view_from_image, ("when_absent", "always", "off"))):
+            _check(value in allowed, f"guard.{key}", f"must be one of {', '.join(allowed)}")
+        _check(self.threads >= 1, "guard.threads", "must be >= 1")
+
+    @property
+    def onnx_path(self) -> Path | None:
+        """The guard's ONNX file (relative paths against triage's data root), or None when off."""
+        if not self.path:
+            return None
+        p = Path(self.path).expanduser()
+        return p if p.is_absolute() else resources.data_root() / p
+
+    @property
+    def image_checks(self) -> bool:
+        """Whether the guard network is needed at all."""
+        return bool(self.path) and (self.population_from_image != "off"
+                                    or self.view_from_image != "off")
+
+
+@dataclass(frozen=True)
 class Config:
     """The whole configuration."""
 
@@ -545,6 +582,7 @@ class Config:
     worklist: WorklistConfig = field(default_factory=WorklistConfig)
     replay: ReplayConfig = field(default_factory=ReplayConfig)
     results: ResultsConfig = field(default_factory=ResultsConfig)
+    guard: GuardConfig = field(default_factory=GuardConfig)
 
 
 def _suggest(key: str, known: typing.Iterable[str]) -> str:

@@ -37,7 +37,7 @@ NO_SUCH_STUDY = "1.2.826.0.1.3680043.8.498.999"
 def replay_cfg() -> Any:
     """The shipped config with small resampling counts and a low drift minimum (tests only)."""
     return config_mod.override(config_mod.load(), **{"replay.seeds": 5, "replay.bootstrap": 200,
-                                                     "drift.min_samples": 5})
+                                                     "drift.min_samples": 5, "guard.path": ""})
 
 
 @pytest.fixture(scope="module")

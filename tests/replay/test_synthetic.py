@@ -153,3 +153,15 @@ def test_bad_manifest_is_a_one_line_error(images: Path, tmp_path: Path,
     assert main(["archive", "build", "--images", str(images), "--manifest", str(sums),
                  "--out", str(tmp_path / "o2")]) == 2
     assert "sha256" in capsys.readouterr().err
+
+
+def test_no_age_leaves_every_age_out_of_the_headers(images: Path, tmp_path: Path) -> None:
+    out = tmp_path / "no-age"
+    archive.build(archive.BuildOptions(images, images / "manifest.csv", out, split="val",
+                                       matrix=160, seed=2, ages=False))
+    files = [f for f in out.rglob("*.dcm")]
+    assert files
+    for f in files:
+        ds = dcmread(f, stop_before_pixels=True)
+        assert "PatientAge" not in ds and "PatientBirthDate" not in ds
+        assert ds.PatientID.startswith("SYN")

@@ -2,6 +2,11 @@
 
 from __future__ import annotations
 
+import json
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
 from sqlalchemy import select
 
 from tests import synth
@@ -36,3 +41,21 @@ def test_adult_studies_raise_a_population_alert_in_the_daemon(daemon: Daemon) ->
     with daemon.store.read() as s:
         [alert] = list(s.scalars(select(Alert).where(Alert.active.is_(True))))
     assert "population" in alert.message
+
+
+def test_many_guard_refusals_raise_an_input_alert(daemon_factory: Callable[..., Daemon],
+                                                  tmp_path: Path) -> None:
+    from tests.inference.test_guard import write_const_guard
+
+    guard = write_const_guard(tmp_path / "g", adult=0.9, frontal=0.99)  # every image "adult"
+    card = json.loads(guard.with_suffix(".json").read_text())
+    card["validation"] = {"children_refused_as_adults": {"value": 0.004},
+                          "frontal_refused_as_not_frontal": {"value": 0.005}}
+    guard.with_suffix(".json").write_text(json.dumps(card))
+    d = daemon_factory(**{"guard.path": str(guard)})
+    assert d.worker.guard is not None and d.worker.guard.expected_refusal_rate == pytest.approx(0.009)
+    dss = [synth.make_dataset(SPEC) for _ in range(4)]
+    assert send(d.dicom_port, dss) == [0] * 4
+    wait_for(lambda: all(_results(d, x.StudyInstanceUID) for x in dss), timeout=60)
+    verdict = d.check_drift()
+    assert verdict.alert and "the input guard refused 4 of 4 recent images" in verdict.summary

@@ -103,7 +103,7 @@ def _archive_build(args: argparse.Namespace) -> int:
     images = Path(args.images)
     labels = build(BuildOptions(images, Path(args.manifest) if args.manifest else images / "manifest.csv",
                                 Path(args.out), args.split, args.limit, args.matrix, args.seed, start,
-                                args.per_day, args.workers))
+                                args.per_day, args.workers, ages=not args.no_age))
     log.info("labels written to %s", labels)
     return 0
 
@@ -130,6 +130,8 @@ def _add_archive(sub: SubParsers) -> None:
     b.add_argument("--start", default="2025-01-06", help="first working day (default 2025-01-06)")
     b.add_argument("--per-day", type=int, default=80, metavar="N", help="studies per working day (default 80)")
     b.add_argument("--workers", type=int, default=1, metavar="N", help="encoding processes (default 1)")
+    b.add_argument("--no-age", action="store_true",
+                   help="leave PatientAge and PatientBirthDate out (the input guard's image check decides)")
     b.set_defaults(func=_archive_build)
 
 

@@ -42,25 +42,29 @@ def iter_inputs(paths: Iterable[str | Path]) -> Iterator[Path]:
             yield p
 
 
-def score_file(path: str | Path, model: Any, batch_size: int = 1) -> FileScore:
+def score_file(path: str | Path, model: Any, batch_size: int = 1, guard: Any = None) -> FileScore:
     """Score one file; every expected failure becomes an "unscored" :class:`FileScore`.
 
-    Call :func:`triage.imaging.prepare.init` with the model's card first. Raises
-    nothing for unreadable, gated or undecodable inputs.
+    Call :func:`triage.imaging.prepare.init` with the model's card (and the
+    guard's) first. ``guard`` judges the image as the daemon's does. Raises
+    nothing for unreadable, gated, refused or undecodable inputs.
     """
     from triage.core.tiers import UNSCORED, priority
     from triage.imaging.prepare import prepare
     from triage.inference.scoring import infer
 
     prepared = prepare(0, str(path))
+    if guard is not None and prepared.x is not None:
+        guard.judge([prepared])
     if prepared.x is None:
         return FileScore(str(path), None, UNSCORED, prepared.reason)
     p = infer(model, [prepared], batch_size)[0].probability
-    return FileScore(str(path), p, priority(p, model.thresholds), None)
+    return FileScore(str(path), p, priority(p, model.thresholds), prepared.reason)
 
 
 def _score(args: argparse.Namespace) -> int:
     from triage.imaging.prepare import init
+    from triage.inference.guard import load_guard
     from triage.inference.model import OnnxModel
 
     cfg = load_config(args)
@@ -69,20 +73,22 @@ def _score(args: argparse.Namespace) -> int:
     model = OnnxModel.load_files(args.model or cfg.model.onnx_path,
                                  args.card or (None if args.model else cfg.model.card_path),
                                  cfg.model.threads)
-    init(model.card)
+    guard = load_guard(cfg.guard, model.card)
+    init(model.card, guard.card if guard.session is not None else None)
     missing = 0
     for path in iter_inputs(args.paths):
         if not path.exists():
             missing += 1
             print(f"triage score: {path}: no such file or directory", file=sys.stderr)
             continue
-        r = score_file(path, model)
+        r = score_file(path, model, guard=guard)
         if args.json:
             print(json.dumps(r.to_dict()), flush=True)
         elif r.probability is None:
             print(f"{r.path}\tunscored: {r.reason}", flush=True)
         else:
-            print(f"{r.path}\t{r.probability:.4f}\t{r.tier}", flush=True)
+            note = f"\t{r.reason}" if r.reason else ""
+            print(f"{r.path}\t{r.probability:.4f}\t{r.tier}{note}", flush=True)
     return 1 if missing else 0
 
 

@@ -92,3 +92,23 @@ def gate_pixels(pixels: np.ndarray, min_size: int = MIN_SIZE_PX) -> str | None:
     if float(pixels.max()) - float(pixels.min()) <= 0:
         return "blank image (constant pixel values)"
     return None
+
+
+def format_age(years: float) -> str:
+    """Return an age as a radiologist reads it: "45 y", "18 mo" under two, "10 d" under a month."""
+    if years >= 2:
+        return f"{int(years)} y"
+    if years * 12 >= 1:
+        return f"{int(years * 12)} mo"
+    return f"{int(round(years * 365.25))} d"
+
+
+def gate_population(age_years: float | None, low: float, high: float, label: str) -> str | None:
+    """Return why a patient of ``age_years`` is outside the model's population [low, high], or None.
+
+    An unknown age (None) passes: the image check decides then. ``high`` is
+    inclusive of the whole year (a population up to 17 takes 17.9-year-olds).
+    """
+    if age_years is None or low <= age_years < high + 1:
+        return None
+    return f"outside the model's population: {format_age(age_years)} (model: {label})"

@@ -35,18 +35,22 @@ class Prepared:
     key: int
     meta: dict[str, Any] = field(default_factory=dict)
     x: np.ndarray | None = None  # the network input (C, S, S) float32
+    xg: np.ndarray | None = None  # the input guard's input (C, s, s) float32, when it runs
     display: np.ndarray | None = None  # uint8 grey, at most DISPLAY_PX on a side
     reason: str | None = None
     seconds: float = 0.0
 
 
-def init(card: dict[str, Any]) -> None:
-    """Build the preprocessing chain recorded in ``card`` for this process."""
+def init(card: dict[str, Any], guard_card: dict[str, Any] | None = None) -> None:
+    """Build the preprocessing chain recorded in ``card`` for this process, and the input
+    guard's (from its own card) when ``guard_card`` is given."""
     from triage.imaging.transforms import InputSpec, build_transforms, preprocess_of
 
     _STATE["pre"] = preprocess_of(card)
     _STATE["chain"] = build_transforms(_STATE["pre"], InputSpec.from_dict(card["input"]),
                                        train=False)
+    _STATE["guard"] = None if guard_card is None else build_transforms(
+        preprocess_of(guard_card), InputSpec.from_dict(guard_card["input"]), train=False)
 
 
 def metadata(path: str | Path, transfer_syntax: str | None = None) -> dict[str, Any]:
@@ -78,6 +82,8 @@ def prepare(key: int, path: str, transfer_syntax: str | None = None) -> Prepared
     try:
         grey = load_any(path, _STATE["pre"])
         out.x = np.asarray(_STATE["chain"](grey), dtype=np.float32)
+        if _STATE.get("guard") is not None:
+            out.xg = np.asarray(_STATE["guard"](grey), dtype=np.float32)
         out.display = display_copy(grey)
     except UnscorableError as e:
         out.reason = e.reason

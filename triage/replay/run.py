@@ -68,11 +68,13 @@ def parse_hostport(text: str) -> tuple[str, int]:
 
 def _in_process(todo: Sequence[ArchiveStudy], model: Any, cfg: Any, workers: int,
                 save: Callable[[list[StudyRecord]], None], profile: SiteProfile | None) -> None:
+    from triage.inference.guard import load_guard
     from triage.replay.scorers import InProcessScorer
 
     thresholds = applied_thresholds(model.thresholds, profile, cfg.worker.tier_overrides)
     per_chunk = max(4, 4 * workers)
-    with InProcessScorer(model, thresholds, workers, cfg.worker.batch_size) as scorer:
+    guard = load_guard(cfg.guard, model.card)
+    with InProcessScorer(model, thresholds, workers, cfg.worker.batch_size, guard) as scorer:
         for i in range(0, len(todo), per_chunk):
             save(scorer.score(todo[i:i + per_chunk]))
 

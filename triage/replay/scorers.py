@@ -59,11 +59,11 @@ class InProcessScorer:
     """Scores studies with the daemon's code in a pool of ``workers`` decoder processes."""
 
     def __init__(self, model: Any, thresholds: dict[str, float | None], workers: int,
-                 batch_size: int) -> None:
-        self.model, self.thresholds = model, thresholds
+                 batch_size: int, guard: Any = None) -> None:
+        self.model, self.thresholds, self.guard = model, thresholds, guard
         self.batch_size = batch_size
         self.model_sha = str(model.card.get("sha256", ""))
-        self.pool = decoder_pool(workers, dict(model.card))
+        self.pool = decoder_pool(workers, dict(model.card), guard)
 
     def __enter__(self) -> Self:
         self.pool.start()
@@ -78,6 +78,8 @@ class InProcessScorer:
         jobs = [(k, inst.path, inst.transfer_syntax)
                 for k, inst in enumerate(i for s in studies for i in s.instances)]
         prepared: list[Prepared] = self.pool.map(jobs)
+        if self.guard is not None:
+            self.guard.judge(prepared)
         scores = infer(self.model, prepared, self.batch_size)
         out, k = [], 0
         for s in studies:

@@ -16,6 +16,7 @@ Every choice for study ``k`` comes from ``numpy.random.default_rng([seed, k])``
 from __future__ import annotations
 
 import csv
+import dataclasses
 import datetime as _dt
 import hashlib
 import logging
@@ -70,6 +71,7 @@ class StudyPlan:
     rows: int
     columns: int
     when: _dt.datetime
+    age_in_header: bool = True  # False: no PatientAge or PatientBirthDate (the guard decides)
 
 
 def read_manifest(manifest: Path, images: Path, split: str | None) -> list[Source]:
@@ -164,8 +166,10 @@ def _headers(ds: Dataset, p: StudyPlan, seed: int, series: int, lateral: bool) -
     ds.PatientName = f"SYNTHETIC^P{pid}"
     ds.PatientID = f"SYN{pid}"
     ds.PatientSex = p.sex
-    ds.PatientBirthDate = (p.when.date() - _dt.timedelta(days=365 * p.age_years + 100)).strftime("%Y%m%d")
-    ds.PatientAge = f"{p.age_years:03d}Y"
+    if p.age_in_header:
+        ds.PatientBirthDate = (p.when.date() - _dt.timedelta(days=365 * p.age_years + 100)
+                               ).strftime("%Y%m%d")
+        ds.PatientAge = f"{p.age_years:03d}Y"
     ds.AccessionNumber = f"A{seed % 100:02d}{p.index:07d}"
     ds.StudyID = str(p.index + 1)
     ds.StudyDescription = "XR CHEST" + (" 2 VIEWS" if p.lateral else " 1 VIEW")
@@ -237,6 +241,7 @@ class BuildOptions:
     start: _dt.date = _dt.date(2025, 1, 6)
     per_day: int = 80
     workers: int = 1
+    ages: bool = True  # False: headers carry no age (to measure the input guard's image check)
 
 
 def select(sources: Sequence[Source], limit: int | None, seed: int) -> list[Source]:
@@ -258,7 +263,8 @@ def build(opts: BuildOptions) -> Path:
     order = np.random.default_rng([opts.seed, 1]).permutation(len(sources))
     slots = working_slots(len(sources), opts.start, opts.per_day, np.random.default_rng([opts.seed, 2]))
     when = {int(k): slots[rank] for rank, k in enumerate(order)}
-    jobs = [(s, plan(k, opts.seed, opts.matrix, when[k]), opts.seed, opts.out)
+    jobs = [(s, dataclasses.replace(plan(k, opts.seed, opts.matrix, when[k]), age_in_header=opts.ages),
+             opts.seed, opts.out)
             for k, s in enumerate(sources)]
     opts.out.mkdir(parents=True, exist_ok=True)
     if opts.workers == 1:

@@ -16,6 +16,7 @@ from dicom_io.scp import ScpSettings, StoreScp
 from dicom_io.spool import Spool
 from triage.config import Config
 from triage.core.errors import TriageError
+from triage.inference.guard import load_guard
 from triage.inference.model import OnnxModel
 from triage.profile import SiteProfile, drift_reference, read_profile
 from triage.service.jobs import Jobs
@@ -94,8 +95,9 @@ class Daemon:
         """Run the drift watch now; returns its verdict. An alert shows on the next render."""
         from triage.service.drift_watch import check_drift
 
+        guard = self.worker.guard
         return check_drift(self.store, drift_reference(self.worker.model.card, self.worker.profile),
-                           self.cfg.drift)
+                           self.cfg.drift, guard.expected_refusal_rate if guard else None)
 
     def purge(self) -> Any:
         """Purge studies reported more than ``worklist.retention_days`` ago; returns what went.
@@ -142,6 +144,7 @@ def build_daemon(cfg: Config) -> Daemon:
     # The model and any site profile are checked before anything is created on disk.
     model = load_model(cfg)
     profile = load_site_profile(cfg, model)
+    guard = load_guard(cfg.guard, model.card)
     st = cfg.storage
     try:
         st.root.mkdir(parents=True, exist_ok=True)
@@ -150,7 +153,7 @@ def build_daemon(cfg: Config) -> Daemon:
         raise TriageError(f"data directory {st.root} is not usable: {e.strerror or e}") from e
     store = Store(open_db(st.db_path))
     sender = OutboxSender(cfg.results, store, st.root)
-    worker = ScoringWorker(cfg, store, model, st.root, profile=profile)
+    worker = ScoringWorker(cfg, store, model, st.root, profile=profile, guard=guard)
     pages = Pages(store, st.root / "www", model_info(worker), cfg.worklist)
     app = build_app(pages, st.root, cfg.web)
     return Daemon(cfg, store, spool, StoreScp(scp_settings(cfg), spool, store), worker, pages,

@@ -34,6 +34,7 @@ from triage.core import tiers
 from triage.imaging import prepare
 from triage.imaging.prepare import Prepared
 from triage.inference.decoders import DecoderPool
+from triage.inference.guard import Guard
 from triage.inference.model import Model
 from triage.inference.scoring import ImageScore, infer
 from triage.profile import SiteProfile, applied_thresholds, thresholds_source
@@ -58,18 +59,22 @@ class Job:
     sop_uid: str
 
 
-def decoder_pool(processes: int, card: dict[str, Any]) -> DecoderPool:
-    """Return the decoder pool the daemon and replay use: :func:`prepare.prepare` per image."""
-    return DecoderPool(processes, prepare.prepare, prepare.unreadable, prepare.init, (card,))
+def decoder_pool(processes: int, card: dict[str, Any], guard: Guard | None = None) -> DecoderPool:
+    """Return the decoder pool the daemon and replay use: :func:`prepare.prepare` per image
+    (with the input guard's input too when ``guard`` needs one)."""
+    guard_card = guard.card if guard is not None and guard.session is not None else None
+    return DecoderPool(processes, prepare.prepare, prepare.unreadable, prepare.init,
+                       (card, guard_card))
 
 
 class ScoringWorker:
     """Scores complete studies in a background thread until stopped."""
 
     def __init__(self, cfg: Config, store: Any, model: Model, data_root: Path,
-                 pool: DecoderPool | None = None, profile: SiteProfile | None = None) -> None:
+                 pool: DecoderPool | None = None, profile: SiteProfile | None = None,
+                 guard: Guard | None = None) -> None:
         self.cfg, self.store, self.model = cfg, store, model
-        self.profile = profile
+        self.profile, self.guard = profile, guard
         self.data_root = data_root
         self.heatmap_dir = data_root / "heatmaps"
         self.thresholds = applied_thresholds(model.thresholds, profile, cfg.worker.tier_overrides)
@@ -80,7 +85,7 @@ class ScoringWorker:
         # {kind: destination labels}: what each result sends where (empty: nothing).
         self.wants = {kind: [d.label for d in cfg.results.wants(kind)]
                       for kind in (db.SR, db.OVERLAY)}
-        self.pool = pool or decoder_pool(cfg.worker.processes, dict(model.card))
+        self.pool = pool or decoder_pool(cfg.worker.processes, dict(model.card), guard)
         # Called with the result id after each result is committed (the daemon
         # schedules a worklist render); it must return quickly.
         self.on_result: Callable[[int], Any] | None = None
@@ -135,6 +140,8 @@ class ScoringWorker:
         prepared = {p.key: p for p in self.pool.map(
             [(j.instance_id, j.path, j.transfer_syntax) for j in jobs])}
         t_decode = time.perf_counter()
+        if self.guard is not None:
+            self.guard.judge(list(prepared.values()))
         scores = infer(self.model, list(prepared.values()), self.cfg.worker.batch_size)
         t_infer = time.perf_counter()
         out: dict[int, int | None] = {}
