@@ -62,7 +62,7 @@ def main() -> int:
         x = np.stack([np.asarray(chain(greys[i % len(greys)]), np.float32)
                       for i in range(args.batch)])
         sess = onnx_session(paths[name], args.threads)
-        inf = per_image_ms(lambda s=sess: s.run(None, {INPUT_NAME: x}), args.batch)  # type: ignore[misc]
+        inf = per_image_ms(lambda s=sess, b=x: s.run(None, {INPUT_NAME: b}), args.batch)  # type: ignore[misc]
         rows[name] = {"preprocess_ms": pre, "inference_ms": inf,
                       "file_mb": paths[name].stat().st_size / 2**20}
     print(f"{'':8} {'preprocess ms/img':>18} {'inference ms/img':>17} {'file MB':>8}")
