@@ -532,7 +532,7 @@ class GuardConfig:
     """The input guard: what runs before the model on every image (docs/guard.md)."""
 
     # The guard network (P(adult), P(frontal)); "" turns the image checks off.
-    path: str = ""
+    path: str = "models/cxr-guard.onnx"
     threads: int = 1
     # PatientAge (or PatientBirthDate with StudyDate) outside the model card's population.
     population_header: str = "refuse"  # refuse | warn | off
@@ -540,12 +540,15 @@ class GuardConfig:
     population_from_image: str = "refuse"  # refuse | warn | off
     # The image does not look like a frontal chest radiograph.
     view_from_image: str = "when_absent"  # when_absent | always | off
+    # The image's embedding lies far from the children's training radiographs'.
+    out_of_distribution: str = "refuse"  # refuse | warn | off
 
     def __post_init__(self) -> None:
         for key, value, allowed in (
                 ("population_header", self.population_header, ("refuse", "warn", "off")),
                 ("population_from_image", self.population_from_image, ("refuse", "warn", "off")),
-                ("view_from_image", self.view_from_image, ("when_absent", "always", "off"))):
+                ("view_from_image", self.view_from_image, ("when_absent", "always", "off")),
+                ("out_of_distribution", self.out_of_distribution, ("refuse", "warn", "off"))):
             _check(value in allowed, f"guard.{key}", f"must be one of {', '.join(allowed)}")
         _check(self.threads >= 1, "guard.threads", "must be >= 1")
 

@@ -62,7 +62,9 @@ def _inputs(root: Path) -> dict[str, str | None]:
 def test_score_cli_json(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     m = tiny_model()
     expected = _inputs(tmp_path)
-    rc = main(["score", "--json", "--model", str(m.onnx), str(tmp_path / "dir"),
+    # The tiny test model with the guard off: these are the CLI's mechanics (tests/inference/
+    # test_guard.py tests the guard through the same score_file).
+    rc = main(["score", "--json", "--no-guard", "--model", str(m.onnx), str(tmp_path / "dir"),
                str(tmp_path / "cxr.png")])
     assert rc == 0
     rows = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
@@ -81,7 +83,8 @@ def test_score_cli_json(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> N
 def test_score_cli_text_and_missing_file(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     m = tiny_model()
     _inputs(tmp_path)
-    rc = main(["score", "--model", str(m.onnx), str(tmp_path / "cxr.png"), str(tmp_path / "nope.dcm")])
+    rc = main(["score", "--no-guard", "--model", str(m.onnx), str(tmp_path / "cxr.png"),
+               str(tmp_path / "nope.dcm")])
     out = capsys.readouterr()
     assert rc == 1 and "cxr.png" in out.out and "nope.dcm" in out.err
 

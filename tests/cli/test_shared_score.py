@@ -84,3 +84,16 @@ def test_catalogued_dicom_outcomes(results: dict[str, dict]) -> None:
     assert results["broken/pydicom_dicomdir_CR1_6154_tiny.dcm"]["reason"].startswith("image too small")
     for name in ("nema-wg04_RG2_RLE_CR_hip_MONO2.dcm", "nema-wg04_RG3_RLE_CR_extremity_MONO1.dcm"):
         assert results[f"other_cr/{name}"]["reason"].startswith("body part"), name
+
+
+def test_the_guard_refuses_the_dog_and_everything_that_is_not_a_chest_radiograph(
+        results: dict[str, dict]) -> None:
+    from triage.config import DEFAULT_CONFIG, load
+
+    if load(DEFAULT_CONFIG).guard.onnx_path is None or _model() != load(DEFAULT_CONFIG).model.onnx_path:
+        pytest.skip("the shipped guard and model are not configured")
+    # A lateral radiograph of a dog, with no ViewPosition in its header.
+    dog = results["chest/highdicom_dx_image_DX_thorax_MONO1.dcm"]
+    assert dog["tier"] == "unscored" and dog["reason"].startswith("does not look like a frontal"), dog
+    others = {k: r for k, r in results.items() if k.startswith("other_cr/")}
+    assert others and all(r["tier"] == "unscored" and r["reason"] for r in others.values()), others

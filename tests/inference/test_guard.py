@@ -33,28 +33,51 @@ SIZE = 32
 CHILDREN = Population(0.0, 17.0, "children")
 
 
+def _save(graph: onnx.GraphProto, path: Path) -> None:
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 8
+    onnx.save(model, path)
+
+
 def write_const_guard(folder: Path, adult: float, frontal: float,
-                      thresholds: tuple[float, float] = (0.5, 0.5)) -> Path:
-    """Write an ONNX guard whose outputs are ``adult`` and ``frontal`` for every image."""
+                      thresholds: tuple[float, float] = (0.5, 0.5),
+                      ood: tuple[float, float] | None = None) -> Path:
+    """Write an ONNX guard whose outputs are ``adult`` and ``frontal`` for every image, and a
+    4-wide embedding of ``ood[0]`` / 4 each; with ``ood`` also an out-of-distribution graph
+    (distance = the embedding's sum, so ``ood[0]``) and the card's threshold ``ood[1]``."""
     folder.mkdir(parents=True, exist_ok=True)
+    e = 0.0 if ood is None else ood[0] / 4
     nodes = [helper.make_node("ReduceMean", ["image"], ["m"], keepdims=0, axes=[1, 2, 3]),
              helper.make_node("Mul", ["m", "zero"], ["z"]),
              helper.make_node("Add", ["z", "a"], ["adult"]),
-             helper.make_node("Add", ["z", "f"], ["frontal"])]
+             helper.make_node("Add", ["z", "f"], ["frontal"]),
+             helper.make_node("Unsqueeze", ["z", "ax1"], ["z1"]),
+             helper.make_node("Add", ["z1", "e"], ["embedding"])]
     inits = [helper.make_tensor(n, TensorProto.FLOAT, [], [v])
              for n, v in (("zero", 0.0), ("a", adult), ("f", frontal))]
+    inits += [helper.make_tensor("ax1", TensorProto.INT64, [1], [1]),
+              helper.make_tensor("e", TensorProto.FLOAT, [4], [e] * 4)]
     graph = helper.make_graph(
         nodes, "const-guard",
         [helper.make_tensor_value_info("image", TensorProto.FLOAT, ["batch", 1, SIZE, SIZE])],
-        [helper.make_tensor_value_info(n, TensorProto.FLOAT, ["batch"]) for n in ("adult", "frontal")],
+        [*(helper.make_tensor_value_info(n, TensorProto.FLOAT, ["batch"]) for n in ("adult", "frontal")),
+         helper.make_tensor_value_info("embedding", TensorProto.FLOAT, ["batch", 4])],
         inits)
-    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
-    model.ir_version = 8
     path = folder / "guard.onnx"
-    onnx.save(model, path)
-    card = {"name": "const-guard", "sha256": "0" * 64, "input": {"size": SIZE, "channels": 1},
+    _save(graph, path)
+    card = {"name": "const-guard", "file": path.name, "sha256": "0" * 64,
+            "input": {"size": SIZE, "channels": 1},
             "preprocess": json.loads(model_for_tests().with_suffix(".json").read_text())["preprocess"],
             "thresholds": {"adult": thresholds[0], "frontal": thresholds[1]}}
+    if ood is not None:
+        dist = helper.make_graph(
+            [helper.make_node("ReduceSum", ["embedding", "ax1"], ["distance"], keepdims=0)],
+            "const-ood",
+            [helper.make_tensor_value_info("embedding", TensorProto.FLOAT, ["batch", 4])],
+            [helper.make_tensor_value_info("distance", TensorProto.FLOAT, ["batch"])],
+            [helper.make_tensor("ax1", TensorProto.INT64, [1], [1])])
+        _save(dist, folder / "guard.ood.onnx")
+        card["out_of_distribution"] = {"file": "guard.ood.onnx", "threshold": ood[1]}
     path.with_suffix(".json").write_text(json.dumps(card))
     return path
 
@@ -156,6 +179,25 @@ def test_view_from_the_image(tmp_path: Path, model: OnnxModel, view: str | None,
         assert r.reason == "does not look like a frontal chest radiograph (input guard, P(frontal) 0.20)"
 
 
+@pytest.mark.parametrize("distance, limit, mode, refused", [
+    (4.0, 3.0, "refuse", True), (4.0, 5.0, "refuse", False), (4.0, 3.0, "off", False),
+    (4.0, 3.0, "warn", False)])
+def test_out_of_distribution(tmp_path: Path, model: OnnxModel, distance: float, limit: float,
+                             mode: str, refused: bool) -> None:
+    path = write_const_guard(tmp_path / "g", adult=0.1, frontal=0.99, ood=(distance, limit))
+    g = _guard(GuardConfig(path=str(path), out_of_distribution=mode), model)
+    assert (g.ood_session is None) == (mode == "off")
+    r = score_file(_file(tmp_path, "o"), model, guard=g)
+    assert (r.probability is None) == refused
+    expected = "unlike the radiographs the model learned from (input guard, distance 4.0, limit 3.0)"
+    if refused:
+        assert r.reason == expected
+    elif mode == "warn":
+        assert r.reason == f"scored although {expected}"
+    else:
+        assert r.reason is None
+
+
 def test_a_missing_guard_file_is_a_clear_error(tmp_path: Path, model: OnnxModel) -> None:
     with pytest.raises(TriageError, match="guard.path") as e:
         Guard.load(GuardConfig(path=str(tmp_path / "nope.onnx")), model.card)
@@ -165,8 +207,8 @@ def test_a_missing_guard_file_is_a_clear_error(tmp_path: Path, model: OnnxModel)
 def test_guard_scores_are_batched_like_one_by_one(tmp_path: Path, model: OnnxModel) -> None:
     g = Guard.load(GuardConfig(path=str(write_const_guard(tmp_path / "g", 0.3, 0.7))), model.card)
     g.batch_size = 3
-    pa, pf = g.scores(np.zeros((7, 1, SIZE, SIZE), np.float32))
-    assert pa.shape == pf.shape == (7,) and np.allclose(pa, 0.3) and np.allclose(pf, 0.7)
+    pa, pf, d = g.scores(np.zeros((7, 1, SIZE, SIZE), np.float32))
+    assert pa.shape == pf.shape == d.shape == (7,) and np.allclose(pa, 0.3) and np.allclose(pf, 0.7)
 
 
 # --- the daemon: refused studies are recorded, shown and keep their place ------------------------

@@ -244,6 +244,24 @@ def _guard_calibrate(args: argparse.Namespace) -> int:
     return 0
 
 
+def _guard_ood(args: argparse.Namespace) -> int:
+    import json
+    from pathlib import Path
+
+    from triage.training import guard
+
+    cfg = load_config(args)
+    setup_logging(cfg.logging.level)
+    adults = Path(args.adult_manifest)
+    samples = guard.read_sources(Path(args.paediatric_split), Path(args.paediatric_root), adults,
+                                 Path(args.adult_root) if args.adult_root else adults.parent)
+    card = guard.fit_ood(Path(args.card), samples, threads=cfg.train.threads)
+    ood = card["out_of_distribution"]
+    log.info("out-of-distribution threshold %.4g; refused: %s", ood["threshold"],
+             json.dumps({k: round(v["value"], 4) for k, v in ood["refused"].items()}))
+    return 0
+
+
 def _add_guard(sub: SubParsers) -> None:
     p = sub.add_parser("guard", help="the input guard's network (adult or child, frontal or not)",
                        description="Tools for the input guard.")
@@ -277,6 +295,19 @@ def _add_guard(sub: SubParsers) -> None:
     c.add_argument("--adult-manifest", metavar="CSV", required=True)
     c.add_argument("--adult-root", metavar="DIR")
     c.set_defaults(func=_guard_calibrate)
+    o = gsub.add_parser("ood", help="fit the out-of-distribution check on the guard's embedding",
+                        description="Fit a PCA Mahalanobis-plus-residual distance on the exported "
+                                    "guard's embedding of the children's training radiographs, "
+                                    "choose its threshold on validation children, measure it on "
+                                    "held-out children and adults and synthetic non-radiographs, "
+                                    "and write <name>.ood.onnx and the card's entry.")
+    config_args(o)
+    o.add_argument("--card", metavar="JSON", required=True, help="the guard's card")
+    o.add_argument("--paediatric-split", metavar="CSV", required=True)
+    o.add_argument("--paediatric-root", metavar="DIR", required=True)
+    o.add_argument("--adult-manifest", metavar="CSV", required=True)
+    o.add_argument("--adult-root", metavar="DIR")
+    o.set_defaults(func=_guard_ood)
 
 
 def add(sub: SubParsers) -> None:

@@ -73,8 +73,8 @@ def _score(args: argparse.Namespace) -> int:
     model = OnnxModel.load_files(args.model or cfg.model.onnx_path,
                                  args.card or (None if args.model else cfg.model.card_path),
                                  cfg.model.threads)
-    guard = load_guard(cfg.guard, model.card)
-    init(model.card, guard.card if guard.session is not None else None)
+    guard = None if args.no_guard else load_guard(cfg.guard, model.card)
+    init(model.card, guard.card if guard is not None and guard.session is not None else None)
     missing = 0
     for path in iter_inputs(args.paths):
         if not path.exists():
@@ -103,4 +103,6 @@ def add(sub: SubParsers) -> None:
                    help="one JSON object per input: path, probability, tier, reason")
     p.add_argument("--model", metavar="ONNX", help="model file (default: model.path)")
     p.add_argument("--card", metavar="JSON", help="model card (default: the model's .json)")
+    p.add_argument("--no-guard", action="store_true",
+                   help="skip the input guard (docs/guard.md): score images the daemon would refuse")
     p.set_defaults(func=_score)

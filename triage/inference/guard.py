@@ -33,7 +33,7 @@ log = logging.getLogger(__name__)
 
 # How refusals start, so the drift watch can count them among recent images.
 REFUSAL_PREFIXES = ("outside the model's population", "looks like an adult's",
-                    "does not look like a frontal")
+                    "does not look like a frontal", "unlike the radiographs")
 
 # What the shipped model's card says when it names no population (it learned from children).
 DEFAULT_POPULATION: dict[str, Any] = {"label": "children", "age_years": [0.0, 17.0]}
@@ -69,9 +69,12 @@ class Guard:
     """The header check and, when its network is configured, the image checks."""
 
     def __init__(self, cfg: GuardConfig, population: Population, session: Any = None,
-                 card: dict[str, Any] | None = None, batch_size: int = 64) -> None:
+                 card: dict[str, Any] | None = None, batch_size: int = 64,
+                 ood_session: Any = None) -> None:
         self.cfg, self.population = cfg, population
         self.session, self.card = session, card or {}
+        self.ood_session = ood_session
+        self.ood_t = float(self.card.get("out_of_distribution", {}).get("threshold", np.inf))
         self.batch_size = batch_size
         th = self.card.get("thresholds", {})
         self.adult_t = float(th.get("adult", 1.0))
@@ -102,7 +105,16 @@ class Guard:
             raise TriageError(f"input guard {path} is not usable: {type(e).__name__}") from e
         if "thresholds" not in card or "input" not in card:
             raise TriageError(f"input guard card {card_path} lacks thresholds or input")
-        return cls(cfg, population, session, card)
+        ood_session = None
+        ood = card.get("out_of_distribution")
+        if cfg.out_of_distribution != "off" and ood:
+            ood_path = path.with_name(str(ood["file"]))
+            try:
+                ood_session = onnx_session(ood_path, cfg.threads)
+            except Exception as e:  # a missing or damaged file: say which
+                raise TriageError(f"input guard's out-of-distribution graph {ood_path} is not "
+                                  f"usable: {type(e).__name__}") from e
+        return cls(cfg, population, session, card, ood_session=ood_session)
 
     @property
     def expected_refusal_rate(self) -> float | None:
@@ -124,7 +136,9 @@ class Guard:
         net = "off" if self.session is None else f"{self.card.get('name', 'guard')} " \
                                                   f"{str(self.card.get('sha256', ''))[:12]}"
         return (f"input guard: population from header {c.population_header}, from image "
-                f"{c.population_from_image}, view from image {c.view_from_image}; network {net}")
+                f"{c.population_from_image}, view from image {c.view_from_image}, out of "
+                f"distribution {c.out_of_distribution if self.ood_session else 'off'}; "
+                f"network {net}")
 
     def judge(self, images: Sequence[Judged]) -> None:
         """Mark every image the model must not score (in place): reason set, input dropped."""
@@ -134,16 +148,24 @@ class Guard:
         todo = [im for im in images if im.x is not None and im.xg is not None]
         if self.session is None or not todo:
             return
-        adult, frontal = self.scores(np.stack([np.asarray(im.xg) for im in todo]))
-        for im, pa, pf in zip(todo, adult, frontal, strict=True):
-            self._image(im, float(pa), float(pf))
+        adult, frontal, dist = self.scores(np.stack([np.asarray(im.xg) for im in todo]))
+        for im, pa, pf, d in zip(todo, adult, frontal, dist, strict=True):
+            self._image(im, float(pa), float(pf), float(d))
 
-    def scores(self, xg: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        """Return (P(adult), P(frontal)) for a batch of guard inputs."""
-        outs = [self.session.run(["adult", "frontal"], {"image": xg[i:i + self.batch_size]})
+    def scores(self, xg: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """Return (P(adult), P(frontal), out-of-distribution distance) for a batch of guard
+        inputs; the distance is 0 when that check does not run."""
+        names = ["adult", "frontal", "embedding"] if self.ood_session is not None else \
+            ["adult", "frontal"]
+        outs = [self.session.run(names, {"image": xg[i:i + self.batch_size]})
                 for i in range(0, len(xg), self.batch_size)]
-        return (np.concatenate([o[0] for o in outs]).reshape(-1),
-                np.concatenate([o[1] for o in outs]).reshape(-1))
+        adult = np.concatenate([o[0] for o in outs]).reshape(-1)
+        frontal = np.concatenate([o[1] for o in outs]).reshape(-1)
+        if self.ood_session is None:
+            return adult, frontal, np.zeros_like(adult)
+        emb = np.concatenate([o[2] for o in outs]).astype(np.float32)
+        dist = self.ood_session.run(["distance"], {"embedding": emb})[0].reshape(-1)
+        return adult, frontal, dist
 
     def _header(self, im: Judged) -> None:
         mode = self.cfg.population_header
@@ -154,7 +176,7 @@ class Guard:
         if why is not None:
             self._mark(im, why, mode)
 
-    def _image(self, im: Judged, p_adult: float, p_frontal: float) -> None:
+    def _image(self, im: Judged, p_adult: float, p_frontal: float, distance: float = 0.0) -> None:
         view_stated = bool(im.meta.get("view_position"))
         vmode = self.cfg.view_from_image
         if vmode == "always" or (vmode == "when_absent" and not view_stated):
@@ -163,12 +185,17 @@ class Guard:
                                f"(input guard, P(frontal) {p_frontal:.2f})", "refuse")
                 return
         mode = self.cfg.population_from_image
-        if mode == "off" or p_adult < self.adult_t:
-            return
-        age = im.meta.get("patient_age_years")
-        said = "no age in the header" if age is None else f"header says {format_age(float(age))}"
-        self._mark(im, f"looks like an adult's radiograph ({said}; model: {self.population.label}; "
-                       f"input guard, P(adult) {p_adult:.2f})", mode)
+        if mode != "off" and p_adult >= self.adult_t:
+            age = im.meta.get("patient_age_years")
+            said = "no age in the header" if age is None else f"header says {format_age(float(age))}"
+            self._mark(im, f"looks like an adult's radiograph ({said}; model: "
+                           f"{self.population.label}; input guard, P(adult) {p_adult:.2f})", mode)
+            if im.x is None:
+                return
+        if self.ood_session is not None and distance >= self.ood_t:
+            self._mark(im, "unlike the radiographs the model learned from (input guard, "
+                           f"distance {distance:.1f}, limit {self.ood_t:.1f})",
+                       self.cfg.out_of_distribution)
 
     @staticmethod
     def _mark(im: Judged, why: str, mode: str) -> None:

@@ -483,3 +483,64 @@ def export(run: GuardRun, measured: dict[str, Any], out_dir: Path, name: str,
     write_atomic(out_dir / f"{name}.json", json.dumps(card, indent=2, allow_nan=False), fsync=True,
                  mode=0o644)
     return card
+
+
+# --- out of distribution, on the guard's own embedding ----------------------------------------
+
+
+def fit_ood(card_path: Path, samples: Sequence[GuardSample], threads: int = 2,
+            max_train: int = 3000, seed: int = 0) -> dict[str, Any]:
+    """Fit the out-of-distribution distance on the exported guard's embedding of children's
+    training radiographs; choose its threshold on the children's validation images; measure it
+    on held-out children and adults and on synthetic non-radiographs. Writes
+    ``<name>.ood.onnx`` beside the guard and the card's ``out_of_distribution``; returns the card.
+
+    The main model learned from these children, so "far from them" is what the check refuses.
+    """
+    import json
+
+    from triage.files import write_atomic
+    from triage.inference.model import onnx_session
+    from triage.training import ood
+    from triage.training.train import cache_images, file_sha256
+
+    card = json.loads(card_path.read_text())
+    sess = onnx_session(card_path.with_name(card["file"]), threads)
+    pre = guard_preprocess()
+    prefix, rest = split_cached(build_transforms(pre, InputSpec(SIZE), train=False))
+    rng = np.random.default_rng(seed)
+    kids_train = [s for s in samples if s.part == "train" and s.adult == 0]
+    if len(kids_train) > max_train:
+        kids_train = [kids_train[i] for i in sorted(rng.choice(len(kids_train), max_train,
+                                                               replace=False))]
+
+    def embed(x: torch.Tensor) -> np.ndarray:
+        xs = np.stack([np.asarray(rest(im), dtype=np.float32) for im in x])
+        return np.concatenate([sess.run(["embedding"], {"image": xs[i:i + 256]})[0]
+                               for i in range(0, len(xs), 256)])
+
+    x_tr, _ = cache_images([_as_sample(s) for s in kids_train], prefix, pre, "cache ood train")
+    net = ood.fit(embed(x_tr))
+    measured: dict[str, Any] = {}
+    dist: dict[str, np.ndarray] = {}
+    for part in ("val", "test"):
+        x, y = cache_images([_as_sample(s) for s in samples if s.part == part], prefix, pre,
+                            f"cache ood {part}")
+        d = ood.distances(net, embed(x))
+        dist[f"{part}_children"], dist[f"{part}_adults"] = d[y == 0], d[y == 1]
+        if part == "val":
+            neg = _synthetic(x[: min(len(x), 2000)], _photographs(SIZE + 16), 9)
+            dist["synthetic"] = ood.distances(net, embed(neg))
+    thr = ood.threshold(dist["val_children"])
+    for name, d in dist.items():
+        measured[name] = metrics.rate(int((d >= thr).sum()), len(d), 0.95).to_dict()
+    path = ood.export(net, card_path.with_name(f"{card['name']}.ood.onnx"), int(net.mean.shape[0]))
+    card["out_of_distribution"] = {
+        **ood.card_entry(path, thr, dist["val_children"], len(kids_train),
+                         int(net.components.shape[0]), file_sha256(path)),
+        "embedding": "the guard network's own pooled features",
+        "fitted_on": f"guard embeddings of {len(kids_train)} children's training radiographs",
+        "refused": measured,
+    }
+    write_atomic(card_path, json.dumps(card, indent=2, allow_nan=False), fsync=True, mode=0o644)
+    return card
