@@ -159,3 +159,13 @@ def test_clopper_pearson_equals_scipys_exact_binomial_interval(k: int, extra: in
     ci = binomtest(k, n).proportion_ci(confidence_level=confidence, method="exact")
     lo, hi = metrics.clopper_pearson(k, n, confidence)
     assert lo == pytest.approx(ci.low, abs=1e-9) and hi == pytest.approx(ci.high, abs=1e-9)
+
+
+def test_bootstraps_of_one_abnormal_or_one_study_are_undefined_not_an_error() -> None:
+    # A replay where the guard refused nearly everything leaves one labelled study of a class.
+    from triage.core.metrics import bootstrap_auc, bootstrap_ece
+
+    assert bootstrap_auc(np.array([1, 0, 0]), np.array([0.9, 0.2, 0.1]), 100) == (None, None)
+    assert bootstrap_ece(np.array([1]), np.array([0.9]), 10, 100) == (None, None)
+    lo, hi = bootstrap_auc(np.array([1, 1, 0, 0]), np.array([0.9, 0.8, 0.2, 0.1]), 100)
+    assert lo is not None and hi is not None

@@ -76,7 +76,7 @@ def bootstrap_auc(labels: np.ndarray, scores: np.ndarray, iterations: int, seed:
     y = np.asarray(labels).astype(int)
     s = np.asarray(scores, dtype=np.float64)
     pos, neg = s[y == 1], s[y == 0]
-    if not len(pos) or not len(neg) or iterations <= 0:
+    if len(pos) < 2 or len(neg) < 2 or iterations <= 0:  # a bootstrap needs two of each
         return None, None
 
     def stat(p: np.ndarray, q: np.ndarray) -> float:
@@ -92,7 +92,7 @@ def bootstrap_ece(labels: np.ndarray, probs: np.ndarray, bins: int, iterations: 
     """Return a percentile interval of the ECE from a bootstrap over studies."""
     y = np.asarray(labels, dtype=np.float64)
     p = np.asarray(probs, dtype=np.float64)
-    if not len(y) or iterations <= 0:
+    if len(y) < 2 or iterations <= 0:
         return None, None
 
     def stat(yb: np.ndarray, pb: np.ndarray) -> float:
