@@ -38,6 +38,14 @@ STUDIES = [
     ("ACC-24120", "DEMO^GOLF", db.SCORED, 3, [("routine", 0.21)], None),
     ("ACC-24108", "DEMO^HOTEL", db.UNSCORED, 19, [("unscored", None)],
      ["image 3fa2c1d9e0b4: lateral view (ViewPosition LL)"]),
+    ("ACC-24097", "DEMO^KILO", db.UNSCORED, 27, [("unscored", None)],
+     ["image 81c0e2a7b5d3: outside the model's population: 45 y (model: children)"]),
+    ("ACC-24115", "DEMO^LIMA", db.UNSCORED, 9, [("unscored", None)],
+     ["image 0d94b6e13a27: looks like an adult's radiograph (no age in the header; "
+      "model: children; input guard, P(adult) 0.98)"]),
+    ("ACC-24118", "DEMO^MIKE", db.UNSCORED, 6, [("unscored", None)],
+     ["image 5e7f20c9d1b8: does not look like a frontal chest radiograph "
+      "(input guard, P(frontal) 0.00)"]),
     ("ACC-24122", "DEMO^INDIA", db.RECEIVING, 1, [], None),
     ("ACC-24121", "DEMO^JULIET", db.COMPLETE, 2, [], None),
 ]
@@ -65,8 +73,10 @@ def populate(store: Store, now: float) -> None:
                              thresholds=json.dumps(THRESHOLDS), timings="{}", created_at=since + v))
                 prev = tier
         s.add(Alert(at=now - 50 * MIN, kind="drift", active=True,
-                    message="PSI 0.312 (alert at 0.25), KS 0.214 (alert at 0.2) over 500 images; "
-                            "score distribution has shifted from the validation reference"))
+                    message="500 recent images: KS 0.214 (p 2e-19), PSI 0.312; recent scores "
+                            "differ from validation in a way a change in prevalence does not "
+                            "explain: the model's ranking may not hold here. Recent scores differ "
+                            "from validation: replay local labelled studies (docs/drift.md)"))
 
 
 def main(out: Path) -> None:
