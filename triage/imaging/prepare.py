@@ -49,11 +49,9 @@ def init(card: dict[str, Any], guard_card: dict[str, Any] | None = None) -> None
     torch's default of one thread per core oversubscribes the CPU (a 256 px
     percentile window took 190 ms instead of 7 ms on two busy cores).
     """
-    import torch
+    from triage.imaging.transforms import InputSpec, build_transforms, one_thread, preprocess_of
 
-    from triage.imaging.transforms import InputSpec, build_transforms, preprocess_of
-
-    torch.set_num_threads(1)
+    one_thread()
 
     _STATE["pre"] = preprocess_of(card)
     _STATE["chain"] = build_transforms(_STATE["pre"], InputSpec.from_dict(card["input"]),

@@ -274,6 +274,13 @@ def build_transforms(cfg: PreprocessConfig, spec: InputSpec, train: bool = False
     return Compose(steps)
 
 
+def one_thread() -> None:
+    """Run this process's transforms on one torch thread (each decoder process is one worker)."""
+    import torch
+
+    torch.set_num_threads(1)
+
+
 def preprocess_of(card: dict[str, Any]) -> PreprocessConfig:
     """Return the preprocessing a model was trained with, from its card or checkpoint.
 
