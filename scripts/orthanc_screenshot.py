@@ -107,6 +107,10 @@ def main(out_dir: Path) -> None:
             cfg = config.override(config.load(), **{
                 "storage.data_dir": str(root / "var"), "dicom.port": 0, "web.port": 0,
                 "studies.quiet_period_s": 0.5, "storage.min_free_mb": 0,
+                # The study is a made-up phantom, which the guard network may refuse as
+                # "not like the radiographs the model learned from"; the picture is about the
+                # results in the PACS, so only the header checks run here.
+                "guard.path": "",
                 "results.destinations": [{"ae_title": pacs.ae_title, "host": "127.0.0.1",
                                           "port": pacs.dicom_port, "name": "orthanc"}]})
             daemon = build_daemon(cfg)
