@@ -46,13 +46,16 @@ def port_open(port: int, host: str = "127.0.0.1") -> bool:
         return s.connect_ex((host, port)) == 0
 
 
-def serve_config(path: Path, data: Path, dicom_port: int, extra: str = "") -> Path:
-    """Write a config for a ``triage serve`` subprocess: free ports, test model, fast study completion."""
+def serve_config(path: Path, data: Path, dicom_port: int, extra: str = "",
+                 guard: bool = False) -> Path:
+    """Write a config for a ``triage serve`` subprocess: free ports, test model, fast study
+    completion; the guard network off unless ``guard`` (phantoms are not radiographs)."""
     path.write_text(f'[dicom]\nport = {dicom_port}\n[web]\nport = {free_port()}\n'
                     f'[storage]\ndata_dir = "{data}"\nmin_free_mb = 0\n'
                     '[studies]\nquiet_period_s = 0.3\nsweep_interval_s = 0.1\n'
                     f'[model]\npath = "{model_for_tests()}"\n'
-                    '[worker]\nprocesses = 1\npoll_interval_s = 0.1\n' + extra)
+                    + ('' if guard else '[guard]\npath = ""\n')
+                    + '[worker]\nprocesses = 1\npoll_interval_s = 0.1\n' + extra)
     return path
 
 

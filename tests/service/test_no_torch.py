@@ -19,7 +19,7 @@ def _maps(pid: int) -> str:
 
 def test_serving_process_scores_a_study_without_loading_torch(tmp_path: Path) -> None:
     port, data = free_port(), tmp_path / "var"
-    cfg = serve_config(tmp_path / "c.toml", data, port)
+    cfg = serve_config(tmp_path / "c.toml", data, port, guard=True)  # the shipped guard too
     proc = subprocess.Popen([sys.executable, "-m", "triage", "serve", "--config", str(cfg)],
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
