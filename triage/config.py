@@ -564,7 +564,8 @@ class GuardConfig:
     def image_checks(self) -> bool:
         """Whether the guard network is needed at all."""
         return bool(self.path) and (self.population_from_image != "off"
-                                    or self.view_from_image != "off")
+                                    or self.view_from_image != "off"
+                                    or self.out_of_distribution != "off")
 
 
 @dataclass(frozen=True)

@@ -124,10 +124,14 @@ class Guard:
             return None
         val = self.card.get("validation", {})
         try:
-            return float(sum(val[k]["value"] for k in ("children_refused_as_adults",
+            rate = float(sum(val[k]["value"] for k in ("children_refused_as_adults",
                                                        "frontal_refused_as_not_frontal")))
         except (KeyError, TypeError):
             return None
+        ood = self.card.get("out_of_distribution", {}).get("validation", {})
+        if self.ood_session is not None and ood.get("n"):
+            rate += float(ood.get("refused", 0)) / float(ood["n"])
+        return rate
 
     @property
     def describe(self) -> str:
