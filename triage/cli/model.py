@@ -228,8 +228,8 @@ def _guard_train(args: argparse.Namespace) -> int:
     return 0
 
 
-def _guard_calibrate(args: argparse.Namespace) -> int:
-    import json
+def _guard_samples(args: argparse.Namespace) -> tuple[Any, list[Any]]:
+    """Return (config, the guard's samples) for ``guard calibrate`` and ``guard ood``."""
     from pathlib import Path
 
     from triage.training import guard
@@ -237,8 +237,17 @@ def _guard_calibrate(args: argparse.Namespace) -> int:
     cfg = load_config(args)
     setup_logging(cfg.logging.level)
     adults = Path(args.adult_manifest)
-    samples = guard.read_sources(Path(args.paediatric_split), Path(args.paediatric_root), adults,
-                                 Path(args.adult_root) if args.adult_root else adults.parent)
+    return cfg, guard.read_sources(Path(args.paediatric_split), Path(args.paediatric_root), adults,
+                                   Path(args.adult_root) if args.adult_root else adults.parent)
+
+
+def _guard_calibrate(args: argparse.Namespace) -> int:
+    import json
+    from pathlib import Path
+
+    from triage.training import guard
+
+    _, samples = _guard_samples(args)
     card = guard.recalibrate(Path(args.card), samples)
     log.info("thresholds %s; held out: %s", card["thresholds"], json.dumps(card["held_out"]))
     return 0
@@ -250,11 +259,7 @@ def _guard_ood(args: argparse.Namespace) -> int:
 
     from triage.training import guard
 
-    cfg = load_config(args)
-    setup_logging(cfg.logging.level)
-    adults = Path(args.adult_manifest)
-    samples = guard.read_sources(Path(args.paediatric_split), Path(args.paediatric_root), adults,
-                                 Path(args.adult_root) if args.adult_root else adults.parent)
+    cfg, samples = _guard_samples(args)
     card = guard.fit_ood(Path(args.card), samples, threads=cfg.train.threads)
     ood = card["out_of_distribution"]
     log.info("out-of-distribution threshold %.4g; refused: %s", ood["threshold"],
