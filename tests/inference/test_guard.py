@@ -90,7 +90,7 @@ def model() -> OnnxModel:
 
 def _guard(cfg: GuardConfig, model: OnnxModel) -> Guard:
     g = Guard.load(cfg, model.card)
-    prepare.init(model.card, g.card if g.session is not None else None)
+    prepare.init(model.card, g.input_card)
     return g
 
 

@@ -74,7 +74,7 @@ def _score(args: argparse.Namespace) -> int:
                                  args.card or (None if args.model else cfg.model.card_path),
                                  cfg.model.threads)
     guard = None if args.no_guard else load_guard(cfg.guard, model.card)
-    init(model.card, guard.card if guard is not None and guard.session is not None else None)
+    init(model.card, guard.input_card if guard is not None else None)
     missing = 0
     for path in iter_inputs(args.paths):
         if not path.exists():

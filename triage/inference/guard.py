@@ -117,6 +117,12 @@ class Guard:
         return cls(cfg, population, session, card, ood_session=ood_session)
 
     @property
+    def input_card(self) -> dict[str, Any] | None:
+        """The card whose chain the decoder processes run for the guard's input; None when the
+        network does not run (``prepare.init``'s second argument)."""
+        return self.card if self.session is not None else None
+
+    @property
     def expected_refusal_rate(self) -> float | None:
         """The share of in-population frontal images the network refused on validation, or None
         when it does not run (the drift watch compares recent refusals with it)."""

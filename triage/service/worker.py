@@ -62,9 +62,8 @@ class Job:
 def decoder_pool(processes: int, card: dict[str, Any], guard: Guard | None = None) -> DecoderPool:
     """Return the decoder pool the daemon and replay use: :func:`prepare.prepare` per image
     (with the input guard's input too when ``guard`` needs one)."""
-    guard_card = guard.card if guard is not None and guard.session is not None else None
     return DecoderPool(processes, prepare.prepare, prepare.unreadable, prepare.init,
-                       (card, guard_card))
+                       (card, guard.input_card if guard is not None else None))
 
 
 class ScoringWorker:
