@@ -76,7 +76,7 @@ class Recorder(Protocol):
     """Where the SCP records what it stored or refused (the application's database)."""
 
     def record_instance(self, inst: ReceivedInstance) -> str:
-        """Record a durable instance; return 'stored', 'duplicate' or 'replaced'."""
+        """Record a durable instance; return 'stored', 'duplicate', 'replaced' or 'moved'."""
 
     def record_rejection(self, calling_ae: str, sop_class_uid: str | None,
                          sop_uid: str | None, refusal: Refusal) -> None:

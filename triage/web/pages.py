@@ -40,7 +40,7 @@ from triage.core.worklist import (
 from triage.files import write_atomic
 from triage.store import outbox
 from triage.store import schema as db
-from triage.store.schema import Alert, ImageResult, Result, Study
+from triage.store.schema import Alert, ImageResult, Result, Study, StudyEvent
 
 log = logging.getLogger(__name__)
 DISCLAIMER = "Not for diagnostic use: triage aid"
@@ -100,12 +100,18 @@ def asset_hashes(env: jinja2.Environment) -> dict[str, str]:
 
 
 def _reason(study: Study, res: Result | None) -> str | None:
+    if study.state == db.MOVED:
+        return study.note or "every image moved to another study"
+    if study.state == db.FAILED:
+        return f"scoring failed: {study.failure}" if study.failure else "scoring failed"
     if study.state == db.RECEIVING:
         return "receiving images"
     if study.state == db.COMPLETE:
+        if study.attempts:
+            return f"scoring failed {study.attempts}×, retrying: {study.failure or 'unknown'}"
         return "queued for scoring"
     if res is None:
-        return "no result recorded" if study.state == db.FAILED else None
+        return None
     if res.state != db.SCORED:
         reasons = json.loads(res.reasons or "[]")
         return "; ".join(reasons) or res.state
@@ -126,7 +132,8 @@ def row_of(study: Study, res: Result | None) -> Row:
         n_images=study.n_instances, reason=_reason(study, res), version=study.version,
         tier_change=res.tier_change if res else None,
         previous_tier=res.previous_tier if res else None, rescoring=rescoring,
-        reported_at=study.reported_at)
+        reported_at=study.reported_at, reported_by=study.reported_by,
+        patient_sex=study.patient_sex, patient_age=study.patient_age)
 
 
 def load_rows(store: Any, reported: bool = False, accession: str | None = None,
@@ -190,8 +197,10 @@ def study_detail(store: Any, study_id: int) -> dict[str, Any] | None:
             images = [ImageView(ir.instance_id, ir.probability, priority(ir.probability, thresholds),
                                 ir.reason, ir.heatmap_path, ir.view_position, ir.rows, ir.columns)
                       for ir in s.scalars(q)]
+        events = list(s.scalars(select(StudyEvent).where(StudyEvent.study_id == study_id)
+                                .order_by(StudyEvent.at.desc(), StudyEvent.id.desc())))
     return {"study": study, "row": row_of(study, results[0] if results else None),
-            "results": results, "images": images, "thresholds": thresholds}
+            "results": results, "images": images, "thresholds": thresholds, "events": events}
 
 
 # --- rendering -----------------------------------------------------------------
