@@ -358,9 +358,15 @@ class WorkerConfig:
     max_studies_in_flight: int = 8
     heatmaps: bool = True
     tier_overrides: dict[str, float] = field(default_factory=dict)
+    decode_timeout_s: float = 120.0
+    max_attempts: int = 3
+    retry_backoff_s: float = 30.0
 
     def __post_init__(self) -> None:
         _check(1 <= self.processes <= 64, "worker.processes", "must be 1..64")
+        _check(self.decode_timeout_s > 0, "worker.decode_timeout_s", "must be > 0")
+        _check(1 <= self.max_attempts <= 100, "worker.max_attempts", "must be 1..100")
+        _check(self.retry_backoff_s >= 0, "worker.retry_backoff_s", "must be >= 0")
         _check(1 <= self.batch_size <= 256, "worker.batch_size", "must be 1..256")
         _check(self.poll_interval_s > 0, "worker.poll_interval_s", "must be > 0")
         _check(self.max_studies_in_flight >= 1, "worker.max_studies_in_flight", "must be >= 1")

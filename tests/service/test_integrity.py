@@ -130,3 +130,33 @@ def test_demographic_corrections_reach_the_worklist_and_old_values_stay_in_histo
     assert "'WRONG^PATIENT'" in ev.detail and "'P-WRONG'" in ev.detail and "'ACC-1'" in ev.detail
     page = daemon.pages.study_page(st.id)
     assert page is not None and "WRONG^PATIENT" in page  # autoescaped, in the study history
+
+
+def test_a_study_that_keeps_failing_is_retried_with_backoff_then_shown_failed_while_others_flow(
+        daemon_factory, tmp_path) -> None:  # type: ignore[no-untyped-def]
+    from dicom_io.ids import uid_key
+    from triage.service.overview import gather, render
+    from triage.web.pages import load_rows
+
+    d = daemon_factory(tmp_path / "var", **{"worker.max_attempts": 3,
+                                            "worker.retry_backoff_s": 0.2})
+    bad_uid, good_uid = generate_uid(), generate_uid()
+    # A real failure while writing this study's overlays: a file sits where its directory goes.
+    key = uid_key(bad_uid)
+    blocker = d.worker.heatmap_dir / key[:2] / key
+    blocker.parent.mkdir(parents=True)
+    blocker.write_text("not a directory")
+    assert send(d.dicom_port, [synth.make_dataset(SPEC, study_uid=bad_uid)]) == [0]
+    assert send(d.dicom_port, [synth.make_dataset(SPEC, study_uid=good_uid)]) == [0]
+    wait_for(lambda: _scored(d, good_uid), timeout=60)
+    bad = wait_for(lambda: (st := _study(d, bad_uid)) is not None and st.state == db.FAILED and st,
+                   timeout=60)
+    assert bad.attempts == 3 and bad.failure and "could not write" in bad.failure
+    assert [e.kind for e in _events(d, bad.id)] == ["failed"] * 3
+    assert _latest(d, bad_uid) is None
+    [row] = [r for r in load_rows(d.store) if r.study_id == bad.id]
+    assert row.state == db.FAILED and row.tier == "unscored"
+    assert row.reason is not None and row.reason.startswith("scoring failed: could not write")
+    assert "Error" not in row.reason  # words, not an exception class
+    st = gather(d.cfg)
+    assert st["studies"][db.FAILED] == 1 and "failed 1" in render(st)
