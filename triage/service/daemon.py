@@ -19,6 +19,7 @@ from triage.core.errors import TriageError
 from triage.inference.guard import load_guard
 from triage.inference.model import OnnxModel
 from triage.profile import SiteProfile, drift_reference, read_profile
+from triage.service.datadir import DataDirLock, check_ports
 from triage.service.jobs import Jobs
 from triage.service.sender import OutboxSender
 from triage.service.worker import ScoringWorker
@@ -45,6 +46,7 @@ class Daemon:
     web: WebServer
     sender: OutboxSender
     jobs: Jobs = field(default_factory=Jobs)
+    lock: DataDirLock | None = None
 
     @property
     def dicom_port(self) -> int:
@@ -120,6 +122,8 @@ class Daemon:
         self.sender.stop()
         self.jobs.stop()
         self.store.engine.dispose()
+        if self.lock is not None:
+            self.lock.release()
 
 
 def scp_settings(cfg: Config) -> ScpSettings:
@@ -137,8 +141,9 @@ def scp_settings(cfg: Config) -> ScpSettings:
 def build_daemon(cfg: Config) -> Daemon:
     """Open and migrate the database, open the spool and wire the listener.
 
-    Returns a Daemon that is not yet started. Raises TriageError when the data
-    directory cannot be used.
+    Returns a Daemon that is not yet started, holding the data directory's lock.
+    Raises TriageError when the data directory cannot be used or another daemon
+    holds it, or when a configured port is taken (then nothing has been created).
     """
     check_exposure(cfg.web)
     # The model and any site profile are checked before anything is created on disk.
@@ -146,8 +151,28 @@ def build_daemon(cfg: Config) -> Daemon:
     profile = load_site_profile(cfg, model)
     guard = load_guard(cfg.guard, model.card)
     st = cfg.storage
+    # One daemon per data directory, and nothing created or migrated before the
+    # directory is free and the ports can be bound.
+    lock = DataDirLock(st.root)
+    lock.check()
+    check_ports((cfg.dicom.host, cfg.dicom.port, "dicom.port"),
+                (cfg.web.host, cfg.web.port, "web.port"))
     try:
         st.root.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise TriageError(f"data directory {st.root} is not usable: {e.strerror or e}") from e
+    lock.acquire()
+    try:
+        return _wire(cfg, model, profile, guard, lock)
+    except BaseException:
+        lock.release()
+        raise
+
+
+def _wire(cfg: Config, model: OnnxModel, profile: SiteProfile | None, guard: Any,
+          lock: DataDirLock) -> Daemon:
+    st = cfg.storage
+    try:
         spool = Spool(st.spool_dir, fsync=st.fsync, min_free_bytes=st.min_free_mb * 2**20)
     except OSError as e:
         raise TriageError(f"data directory {st.root} is not usable: {e.strerror or e}") from e
@@ -157,7 +182,7 @@ def build_daemon(cfg: Config) -> Daemon:
     pages = Pages(store, st.root / "www", model_info(worker), cfg.worklist)
     app = build_app(pages, st.root, cfg.web)
     return Daemon(cfg, store, spool, StoreScp(scp_settings(cfg), spool, store), worker, pages,
-                  WebServer(cfg.web, app), sender)
+                  WebServer(cfg.web, app), sender, lock=lock)
 
 
 def model_info(worker: ScoringWorker) -> ModelInfo:
@@ -203,7 +228,11 @@ def serve(cfg: Config) -> int:
     signal.signal(signal.SIGINT, _on_signal)
     try:
         daemon.start()
-    except OSError as e:
+    except BaseException as e:
+        if daemon.lock is not None:
+            daemon.lock.release()
+        if not isinstance(e, OSError):
+            raise
         raise TriageError(f"cannot listen on {cfg.dicom.host}:{cfg.dicom.port}: "
                           f"{e.strerror or e}") from e
     log.info("triage is running; data in %s; worklist at http://%s:%d/", cfg.storage.root,
