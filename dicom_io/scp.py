@@ -128,6 +128,16 @@ class StoreScp:
         return ae
 
     @property
+    def alive(self) -> bool:
+        """Whether the listener is started and its accept loop is running."""
+        server = self._server
+        if server is None or server.socket.fileno() < 0:
+            return False
+        # socketserver clears this event while serve_forever() runs and sets it on exit.
+        done = getattr(server, "_BaseServer__is_shut_down", None)
+        return done is None or not done.is_set()
+
+    @property
     def port(self) -> int:
         """The bound TCP port (useful when the configured port was 0)."""
         if self._server is None:

@@ -20,12 +20,14 @@ from triage.inference.guard import load_guard
 from triage.inference.model import OnnxModel
 from triage.profile import SiteProfile, drift_reference, read_profile
 from triage.service.datadir import DataDirLock, check_ports
+from triage.service.health import CONTENT_TYPE as METRICS_CONTENT_TYPE
+from triage.service.health import CountingRecorder, Metrics, health
 from triage.service.jobs import Jobs
 from triage.service.sender import OutboxSender
 from triage.service.worker import ScoringWorker
 from triage.store.database import open_db
 from triage.store.repository import Store
-from triage.web.app import build_app
+from triage.web.app import Ops, build_app
 from triage.web.pages import ModelInfo, Pages
 from triage.web.security import check_exposure
 from triage.web.server import WebServer
@@ -47,6 +49,7 @@ class Daemon:
     sender: OutboxSender
     jobs: Jobs = field(default_factory=Jobs)
     lock: DataDirLock | None = None
+    metrics: Metrics | None = None
 
     @property
     def dicom_port(self) -> int:
@@ -76,7 +79,17 @@ class Daemon:
         self.sender.start()  # outbox rows left by a previous run are sent first
         self.worker.start()
 
-    def _on_result(self, _result_id: int) -> None:
+    def health(self) -> tuple[bool, dict[str, Any]]:
+        """Whether the listener, the scheduler and the worker are alive, with the detail."""
+        return health({"listener": lambda: self.scp.alive, "scheduler": lambda: self.jobs.alive,
+                       "worker": lambda: self.worker.alive})
+
+    def _on_result(self, result_id: int) -> None:
+        if self.metrics is not None and result_id:
+            try:
+                self.metrics.observe_result(result_id)
+            except Exception:
+                log.exception("could not observe the scoring latency")
         self.sender.wake()
         self.jobs.soon("render-after-result", self.pages.render_worklist,
                        self.cfg.worklist.render_debounce_s)
@@ -177,12 +190,17 @@ def _wire(cfg: Config, model: OnnxModel, profile: SiteProfile | None, guard: Any
     except OSError as e:
         raise TriageError(f"data directory {st.root} is not usable: {e.strerror or e}") from e
     store = Store(open_db(st.db_path))
+    metrics = Metrics(store)
     sender = OutboxSender(cfg.results, store, st.root)
     worker = ScoringWorker(cfg, store, model, st.root, profile=profile, guard=guard)
     pages = Pages(store, st.root / "www", model_info(worker), cfg.worklist)
-    app = build_app(pages, st.root, cfg.web)
-    return Daemon(cfg, store, spool, StoreScp(scp_settings(cfg), spool, store), worker, pages,
-                  WebServer(cfg.web, app), sender, lock=lock)
+    scp = StoreScp(scp_settings(cfg), spool, CountingRecorder(store, metrics))
+    ops = Ops(health=lambda: daemon.health(), metrics=metrics.text,
+              metrics_content_type=METRICS_CONTENT_TYPE)
+    app = build_app(pages, st.root, cfg.web, ops)
+    daemon = Daemon(cfg, store, spool, scp, worker, pages, WebServer(cfg.web, app), sender,
+                    lock=lock, metrics=metrics)
+    return daemon
 
 
 def model_info(worker: ScoringWorker) -> ModelInfo:

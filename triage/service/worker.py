@@ -109,6 +109,11 @@ class ScoringWorker:
         self._thread = threading.Thread(target=self._run, name="scoring-worker", daemon=True)
         self._thread.start()
 
+    @property
+    def alive(self) -> bool:
+        """Whether the worker thread is running and has not been asked to stop."""
+        return self._thread is not None and self._thread.is_alive() and not self._stop.is_set()
+
     def stop(self) -> None:
         """Stop after the studies in hand; shut the pool down."""
         self._stop.set()
