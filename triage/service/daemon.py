@@ -18,7 +18,7 @@ from triage.config import Config
 from triage.core.errors import TriageError
 from triage.inference.guard import load_guard
 from triage.inference.model import OnnxModel
-from triage.profile import SiteProfile, drift_reference, read_profile
+from triage.profile import SiteProfile, applied_thresholds, drift_reference, read_profile
 from triage.service.datadir import DataDirLock, check_ports
 from triage.service.health import CONTENT_TYPE as METRICS_CONTENT_TYPE
 from triage.service.health import CountingRecorder, Metrics, health
@@ -163,6 +163,8 @@ def build_daemon(cfg: Config) -> Daemon:
     model = load_model(cfg)
     profile = load_site_profile(cfg, model)
     guard = load_guard(cfg.guard, model.card)
+    # worker.tier_overrides against the model's tiers: a misspelt or inverted one stops here.
+    applied_thresholds(model.thresholds, profile, cfg.worker.tier_overrides)
     st = cfg.storage
     # One daemon per data directory, and nothing created or migrated before the
     # directory is free and the ports can be bound.
