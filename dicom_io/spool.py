@@ -65,7 +65,7 @@ class Spool:
         self.fsync = fsync
         self.min_free_bytes = min_free_bytes
         self.tmp = self.root / TMP_DIR
-        self.tmp.mkdir(parents=True, exist_ok=True)
+        self.tmp.mkdir(parents=True, exist_ok=True, mode=0o700)
 
     def free_bytes(self) -> int:
         """Return the bytes available to us on the spool's file system."""
@@ -106,7 +106,7 @@ class Spool:
         return SpoolEntry(final, rel, digest, len(data), existed=False)
 
     def _write_tmp(self, tmp: Path, data: bytes) -> None:
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o640)
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)  # the daemon's user only
         try:
             view = memoryview(data)
             while view:
@@ -125,7 +125,8 @@ class Spool:
         while not p.exists():
             created.append(p)
             p = p.parent
-        d.mkdir(parents=True, exist_ok=True)
+        for c in reversed(created):
+            c.mkdir(mode=0o700, exist_ok=True)
         if self.fsync:
             # A new directory entry is durable only once its parent is synced.
             for c in reversed(created):

@@ -106,9 +106,11 @@ class WebConfig:
     token: str = ""
     basic_user: str = ""
     basic_password: str = ""
+    session_minutes: float = 480.0
 
     def __post_init__(self) -> None:
         _check_host(self.host, "web.host")
+        _check(self.session_minutes > 0, "web.session_minutes", "must be > 0")
         _check_port(self.port, "web.port")
         _check(not self.token or (len(self.token) >= MIN_TOKEN_CHARS and self.token.isascii()
                                   and self.token.isprintable() and " " not in self.token),

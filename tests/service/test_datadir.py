@@ -61,3 +61,36 @@ def test_nothing_is_created_when_a_port_is_taken(tmp_path: Path) -> None:
         r = _serve(serve_config(tmp_path / "c.toml", data, port))
     assert r.returncode == 2 and f"127.0.0.1:{port}" in r.stderr
     assert not data.exists()
+
+
+def test_data_directory_is_0700_and_every_file_in_it_is_the_daemons_users_only(
+        daemon_factory, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    import stat
+
+    from pydicom.uid import generate_uid
+    from sqlalchemy import select
+
+    from tests import synth
+    from tests.conftest import send, wait_for
+    from triage.store import schema as db
+    from triage.store.schema import Study
+
+    data = tmp_path / "var"
+    d = daemon_factory(data)
+    uid = generate_uid()
+    assert send(d.dicom_port, [synth.make_dataset(synth.SynthSpec(rows=96, columns=96),
+                                                  study_uid=uid)]) == [0]
+
+    def scored() -> bool:
+        with d.store.read() as s:
+            return s.scalar(select(Study.state).where(Study.study_uid == uid)) == db.SCORED
+
+    wait_for(scored, timeout=60)
+    d.pages.render_worklist()
+    assert stat.S_IMODE(data.stat().st_mode) == 0o700
+    files = [p for p in data.rglob("*") if p.is_file()]
+    kinds = {p.suffix for p in files}
+    assert {".dcm", ".png", ".sqlite", ".html", ".json", ".lock"} <= kinds, kinds
+    loose = [(p.relative_to(data).as_posix(), oct(stat.S_IMODE(p.stat().st_mode)))
+             for p in files if p.stat().st_mode & 0o077]
+    assert loose == []

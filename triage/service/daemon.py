@@ -7,6 +7,7 @@ cleanly, so what is tested is what runs.
 from __future__ import annotations
 
 import logging
+import os
 import signal
 import threading
 from dataclasses import dataclass, field
@@ -173,7 +174,11 @@ def build_daemon(cfg: Config) -> Daemon:
     check_ports((cfg.dicom.host, cfg.dicom.port, "dicom.port"),
                 (cfg.web.host, cfg.web.port, "web.port"))
     try:
-        st.root.mkdir(parents=True, exist_ok=True)
+        # The daemon's user only: the database and spool hold patient data.
+        st.root.mkdir(parents=True, exist_ok=True, mode=0o700)
+        if st.root.stat().st_mode & 0o077:
+            log.warning("data directory %s was readable by others: now 0700", st.root)
+            os.chmod(st.root, 0o700)
     except OSError as e:
         raise TriageError(f"data directory {st.root} is not usable: {e.strerror or e}") from e
     lock.acquire()

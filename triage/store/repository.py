@@ -198,19 +198,20 @@ class Store:
                           .values(state=db.COMPLETE, completed_at=now))
         return ids
 
-    def mark_reported(self, study_id: int, reported: bool = True) -> bool:
-        """Mark a study reported (it moves to history) or, with ``reported=False``, unread again.
-
-        Returns False when there is no such study. Marking twice keeps the first time.
+    def mark_reported(self, study_id: int, reported: bool = True, by: str | None = None) -> bool:
+        """Mark a study reported by ``by`` (it moves to history) or, with ``reported=False``,
+        unread again. Returns False when there is no such study. Marking twice keeps the
+        first time and the first user.
         """
         with self.write() as s:
             study = s.get(Study, study_id)
             if study is None:
                 return False
             if not reported:
-                study.reported_at = None
+                study.reported_at = study.reported_by = None
             elif study.reported_at is None:
                 study.reported_at = self.clock()
+                study.reported_by = (by or "")[:64] or None
         log.info("study #%d marked %s", study_id, "reported" if reported else "unread")
         return True
 

@@ -29,7 +29,7 @@ from starlette.responses import (
 from starlette.routing import Route
 
 from triage.config import WebConfig
-from triage.web.security import LOOPBACK_HOSTS, AuthMiddleware, SecurityHeaders
+from triage.web.security import LOOPBACK_HOSTS, AuthMiddleware, SecurityHeaders, Sessions
 
 log = logging.getLogger(__name__)
 
@@ -95,7 +95,8 @@ def build_app(pages: Any, data_root: Path, web: WebConfig, ops: Ops | None = Non
 
     def _mark(request: Request, reported: bool) -> Response:
         sid = request.path_params["study_id"]
-        if not pages.mark_reported(sid, reported):
+        user = request.scope.get("state", {}).get("user")
+        if not pages.mark_reported(sid, reported, by=user):
             return PlainTextResponse("404 Not Found: no such study\n", status_code=404)
         if "application/json" in request.headers.get("accept", ""):
             return JSONResponse({"study_id": sid, "reported": reported})
@@ -123,7 +124,8 @@ def build_app(pages: Any, data_root: Path, web: WebConfig, ops: Ops | None = Non
     if ops is not None:
         routes += [Route("/healthz", healthz), Route("/metrics", metrics)]
     middleware = [Middleware(SecurityHeaders, csp_hashes=pages.csp_hashes),
-                  Middleware(AuthMiddleware, web=web)]
+                  Middleware(AuthMiddleware, web=web,
+                             sessions=Sessions(web.session_minutes * 60.0))]
     if not web.auth_required:
         # Unauthenticated is loopback only; refusing foreign Host headers also stops
         # DNS rebinding from turning a web page into a client of this server.

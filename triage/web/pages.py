@@ -250,12 +250,11 @@ class Pages:
         log.debug("worklist rendered: %d active studies", len(placed))
         return placed
 
-    def mark_reported(self, study_id: int, reported: bool = True) -> bool:
-        """Mark a study reported (it moves to history) or unread again, then re-render at once.
-
-        Returns False when there is no such study.
+    def mark_reported(self, study_id: int, reported: bool = True, by: str | None = None) -> bool:
+        """Mark a study reported by ``by`` (it moves to history) or unread again, then
+        re-render at once. Returns False when there is no such study.
         """
-        if not self.store.mark_reported(study_id, reported):
+        if not self.store.mark_reported(study_id, reported, by):
             return False
         self.render_worklist()
         return True
