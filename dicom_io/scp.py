@@ -14,8 +14,10 @@ import threading
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, Protocol
 
+from pydicom import dcmread
 from pydicom.uid import (
     JPEG2000,
     UID,
@@ -32,6 +34,7 @@ from pydicom.uid import (
     RLELossless,
 )
 from pynetdicom import AE, evt
+from pynetdicom import _config as _pnd_config
 
 from dicom_io import store_status as status
 from dicom_io.header import Header
@@ -94,6 +97,8 @@ class ScpSettings:
     accept_any_calling_ae: bool = False
     max_associations: int = 16
     max_pdu: int = 262144
+    max_dataset_bytes: int = 512 * 2**20
+    max_pixels: int = 100_000_000
     network_timeout_s: float = 60.0
     dimse_timeout_s: float = 60.0
     acse_timeout_s: float = 30.0
@@ -112,6 +117,10 @@ class StoreScp:
 
     def _build_ae(self) -> AE:
         s = self.settings
+        # Received data sets go to a temporary file as they arrive, not into memory
+        # (pynetdicom's chunked receive); the handler checks the size, then streams
+        # the file into the spool. pynetdicom deletes the file after the handler.
+        _pnd_config.STORE_RECV_CHUNKED_DATASET = True
         ae = AE(ae_title=s.ae_title)
         ae.require_called_aet = True
         # pynetdicom treats an empty list as "accept anyone": config validation
@@ -211,20 +220,26 @@ class StoreScp:
             raise Refusal(status.OUT_OF_RESOURCES,
                           f"free disk space below reserve ({self.spool.free_bytes() // 2**20} MiB free)")
         ts = str(event.context.transfer_syntax)
+        path = Path(event.dataset_path)
+        size = path.stat().st_size
+        limit = self.settings.max_dataset_bytes
+        if size > limit:
+            raise Refusal(status.TOO_LARGE, f"data set of {size / 2**20:.0f} MiB is larger than "
+                          f"the {limit / 2**20:.0f} MiB limit")
+        if not self.spool.has_room(size):
+            raise Refusal(status.OUT_OF_RESOURCES, "instance would take free disk space below reserve")
         try:
-            ds = event.dataset
-            ds.file_meta = event.file_meta
+            # Values over 1 MiB (the pixel data) stay on disk: only the header is read.
+            ds = dcmread(path, defer_size="1 MiB")
             header = check(ds, sop_class, sop_uid, compressed=ts not in UNCOMPRESSED,
-                           transfer_syntax=ts)
+                           transfer_syntax=ts, max_pixels=self.settings.max_pixels)
         except Refusal:
             raise
         except Exception as e:
             raise Refusal(status.UNREADABLE, f"data set cannot be parsed: {type(e).__name__}: {e}") from e
-        data = event.encoded_dataset(include_meta=True)
-        if not self.spool.has_room(len(data)):
-            raise Refusal(status.OUT_OF_RESOURCES, "instance would take free disk space below reserve")
+        del ds  # only the header goes on; the bytes are streamed from the file
         try:
-            entry = self.spool.write(header.study_uid, header.sop_instance_uid, data)
+            entry = self.spool.write_file(header.study_uid, header.sop_instance_uid, path)
         except SpoolError as e:
             code = status.OUT_OF_RESOURCES if e.out_of_space else status.UNEXPECTED
             raise Refusal(code, str(e)) from e

@@ -64,6 +64,8 @@ class DicomConfig:
     accept_any_calling_ae: bool = False
     max_associations: int = 16
     max_pdu: int = 262144
+    max_dataset_mb: int = 512
+    max_pixels: int = 100_000_000
     network_timeout_s: float = 60.0
     dimse_timeout_s: float = 60.0
     acse_timeout_s: float = 30.0
@@ -78,6 +80,8 @@ class DicomConfig:
                "dicom.allowed_calling_aes",
                "is empty; list the callers, or set dicom.accept_any_calling_ae = true on purpose")
         _check(self.max_associations >= 1, "dicom.max_associations", "must be >= 1")
+        _check(self.max_dataset_mb >= 1, "dicom.max_dataset_mb", "must be >= 1")
+        _check(self.max_pixels >= 1, "dicom.max_pixels", "must be >= 1")
         _check(self.max_pdu == 0 or self.max_pdu >= 4096, "dicom.max_pdu",
                "must be 0 (unlimited) or >= 4096")
         for name in ("network_timeout_s", "dimse_timeout_s", "acse_timeout_s"):
