@@ -98,12 +98,13 @@ def receive_peak(tmp_path: Path, megabytes: int) -> tuple[int, int, int]:
         assert proc.poll() is None, "the daemon did not start"
         time.sleep(1.0)  # let start-up settle before taking the baseline
         before = _hwm_kib(proc.pid)
-        r = storescu(port, path)
-        assert r.returncode == 0 and "Success" in (r.stdout + r.stderr) or r.returncode == 0, r.stderr
+        r = storescu(port, path, extra=("-v",))
         after = _hwm_kib(proc.pid)
     finally:
         proc.send_signal(signal.SIGTERM)
-        proc.communicate(timeout=120)
+        _, err = proc.communicate(timeout=120)
+    lines = [ln for ln in (r.stdout + r.stderr).splitlines() if not ln.startswith("XMIT")]
+    assert r.returncode == 0, "\n".join(lines[-20:]) + "\n" + err.decode(errors="replace")[-3000:]
     size = path.stat().st_size
     stored = list((tmp_path / "var" / "spool").glob("??/*/*.dcm"))
     assert len(stored) == 1 and stored[0].stat().st_size >= size - 1024
