@@ -86,6 +86,7 @@ def receive_peak(tmp_path: Path, megabytes: int) -> tuple[int, int, int]:
     port, web = free_port(), free_port()
     cfg = tmp_path / "big.toml"
     cfg.write_text(f'[dicom]\nport = {port}\nmax_dataset_mb = {megabytes * 2}\n'
+                   f'max_pixels = {megabytes * 2**20}\n'
                    f'[web]\nport = {web}\n'
                    f'[storage]\ndata_dir = "{tmp_path / "var"}"\nmin_free_mb = 0\n'
                    '[studies]\nquiet_period_s = 3600\n'

@@ -148,6 +148,8 @@ def scp_settings(cfg: Config) -> ScpSettings:
         allowed_calling_aes=d.allowed_calling_aes, accept_any_calling_ae=d.accept_any_calling_ae,
         max_associations=d.max_associations, max_pdu=d.max_pdu,
         max_dataset_bytes=d.max_dataset_mb * 2**20, max_pixels=d.max_pixels,
+        peers={ae: tuple(hosts) for ae, hosts in d.peers.items()},
+        tls_cert=d.tls_cert, tls_key=d.tls_key, tls_ca=d.tls_ca,
         network_timeout_s=d.network_timeout_s, dimse_timeout_s=d.dimse_timeout_s,
         acse_timeout_s=d.acse_timeout_s,
     )
