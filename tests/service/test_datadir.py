@@ -94,3 +94,41 @@ def test_data_directory_is_0700_and_every_file_in_it_is_the_daemons_users_only(
     loose = [(p.relative_to(data).as_posix(), oct(stat.S_IMODE(p.stat().st_mode)))
              for p in files if p.stat().st_mode & 0o077]
     assert loose == []
+
+
+def test_status_says_whether_a_daemon_is_running_in_the_words_of_its_json(
+        daemon_factory, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    import json
+
+    from tests.conftest import model_for_tests
+
+    data = tmp_path / "var"
+    d = daemon_factory(data)
+    cfg = tmp_path / "status.toml"
+    cfg.write_text(f'[storage]\ndata_dir = "{data}"\n[model]\npath = "{model_for_tests()}"\n')
+
+    def status(*extra: str) -> str:
+        r = subprocess.run([sys.executable, "-m", "triage", "status", "--config", str(cfg),
+                            *extra], capture_output=True, text=True, timeout=120)
+        assert r.returncode == 0, r.stderr
+        return r.stdout
+
+    doc = json.loads(status("--json"))
+    assert doc["daemon"] == {"running": True, "pid": os.getpid()}
+    text = status()
+    assert f"daemon: running (pid {os.getpid()})" in text
+    # The text uses the JSON's state names, every one of them.
+    studies_line = next(ln for ln in text.splitlines() if ln.startswith("studies:"))
+    assert [part.split()[0] for part in studies_line.removeprefix("studies: ").split(", ")] == \
+        list(doc["studies"])
+    d.stop(drain_timeout_s=5)
+    assert json.loads(status("--json"))["daemon"] == {"running": False, "pid": None}
+    assert "daemon: NOT RUNNING" in status()
+
+
+def test_make_serve_passes_flags_through() -> None:
+    import re
+
+    makefile = (Path(__file__).resolve().parents[2] / "Makefile").read_text()
+    recipe = re.search(r"^serve:.*\n\t(.+)$", makefile, re.M)
+    assert recipe is not None and recipe.group(1).split()[-2:] == ["serve", "$(ARGS)"]

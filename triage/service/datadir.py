@@ -55,6 +55,24 @@ class DataDirLock:
         finally:
             os.close(fd)
 
+    def holder(self) -> int | None:
+        """Return the PID of the process holding the lock (0 when it names none), or None
+        when the directory is free. Creates nothing."""
+        try:
+            fd = os.open(self.path, os.O_RDONLY)
+        except OSError:
+            return None
+        try:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except OSError:
+                text = os.pread(fd, 64, 0).decode("ascii", "replace").strip()
+                return int(text) if text.isdigit() else 0
+            fcntl.flock(fd, fcntl.LOCK_UN)
+            return None
+        finally:
+            os.close(fd)
+
     def acquire(self) -> None:
         """Take the lock (creating the lock file, 0600) and write our PID into it.
 
