@@ -11,11 +11,11 @@ from sqlalchemy import func, select
 
 from triage.config import Config
 from triage.core.errors import TriageError
+from triage.service.datadir import DataDirLock
 from triage.store import outbox
 from triage.store import schema as db
 from triage.store.database import current_revision, make_engine
 from triage.store.repository import Store
-from triage.service.datadir import DataDirLock
 from triage.store.schema import DriftCheck, Rejection, Result
 
 

@@ -82,9 +82,21 @@ def environment() -> jinja2.Environment:
     env.filters["pn"] = lambda v: "" if v is None else str(v).replace("^", " ").strip()
     env.filters["when"] = lambda t: "" if t is None else time.strftime(
         "%Y-%m-%d %H:%M", time.localtime(t))
+    env.filters["age"] = format_age
+    env.filters["sex"] = lambda v: {"M": "male", "F": "female", "O": "other"}.get(
+        str(v or "").strip().upper(), "")
     env.globals["study_datetime"] = format_study_datetime
     env.globals["disclaimer"] = DISCLAIMER
     return env
+
+
+def format_age(value: str | None) -> str:
+    """A DICOM Age String as people write it: '064Y' -> '64 y', '006M' -> '6 mo'; '' if none."""
+    v = str(value or "").strip().upper()
+    units = {"Y": "y", "M": "mo", "W": "wk", "D": "d"}
+    if len(v) == 4 and v[:3].isdigit() and v[3] in units:
+        return f"{int(v[:3])} {units[v[3]]}"
+    return ""
 
 
 def asset_hashes(env: jinja2.Environment) -> dict[str, str]:
