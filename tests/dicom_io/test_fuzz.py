@@ -135,11 +135,13 @@ def mutated(draw: Any, kind: str) -> tuple[str, bytes, str, str, str]:
         body = body[:draw(st.integers(0, len(body) - 1))]
     elif kind == "vr" and ts != ImplicitVRLittleEndian:
         at = draw(st.sampled_from(_tags(body, True)))
-        body = body[:at + 4] + draw(st.sampled_from(VRS)) + body[at + 6:]
+        vr = draw(st.one_of(st.sampled_from(VRS), st.binary(min_size=2, max_size=2)))
+        body = body[:at + 4] + vr + body[at + 6:]
     elif kind == "length":
         offsets = _tags(body, ts != ImplicitVRLittleEndian)
         at = draw(st.sampled_from(offsets))
-        huge = draw(st.sampled_from([0xFFFFFFF0, 0x7FFFFFFF, 0xFFFFFFFF, 0x10000000]))
+        huge = draw(st.one_of(st.sampled_from([0xFFFFFFF0, 0x7FFFFFFF, 0xFFFFFFFF, 0x10000000]),
+                              st.integers(0x8000, 0xFFFFFFFF)))
         if ts == ImplicitVRLittleEndian:
             body = body[:at + 4] + struct.pack("<I", huge) + body[at + 8:]
         else:
