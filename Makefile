@@ -21,8 +21,9 @@ setup: $(STAMP)
 system-deps:
 	@bash scripts/system-deps.sh
 
+# Flags go through: make serve ARGS="--dicom-port 11113 --config site.toml"
 serve: setup
-	$(BIN)/triage serve
+	$(BIN)/triage serve $(ARGS)
 
 test: setup system-deps
 	$(BIN)/lint-imports

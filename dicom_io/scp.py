@@ -9,13 +9,17 @@ Nothing slow (decoding, scoring) happens here: the sender's timeout is not ours.
 
 from __future__ import annotations
 
+import ipaddress
 import logging
+import ssl
 import threading
 import time
-from collections.abc import Sequence
-from dataclasses import dataclass
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, Protocol
 
+from pydicom import dcmread
 from pydicom.uid import (
     JPEG2000,
     UID,
@@ -32,6 +36,8 @@ from pydicom.uid import (
     RLELossless,
 )
 from pynetdicom import AE, evt
+from pynetdicom import _config as _pnd_config
+from pynetdicom.association import Association
 
 from dicom_io import store_status as status
 from dicom_io.header import Header
@@ -76,7 +82,7 @@ class Recorder(Protocol):
     """Where the SCP records what it stored or refused (the application's database)."""
 
     def record_instance(self, inst: ReceivedInstance) -> str:
-        """Record a durable instance; return 'stored', 'duplicate' or 'replaced'."""
+        """Record a durable instance; return 'stored', 'duplicate', 'replaced' or 'moved'."""
 
     def record_rejection(self, calling_ae: str, sop_class_uid: str | None,
                          sop_uid: str | None, refusal: Refusal) -> None:
@@ -94,9 +100,91 @@ class ScpSettings:
     accept_any_calling_ae: bool = False
     max_associations: int = 16
     max_pdu: int = 262144
+    max_dataset_bytes: int = 512 * 2**20
+    max_pixels: int = 100_000_000
+    # {calling AE title: [host address or network, ...]}: a title listed here is
+    # accepted only from its hosts; titles in allowed_calling_aes only from loopback.
+    peers: Mapping[str, Sequence[str]] = field(default_factory=dict)
+    tls_cert: str = ""
+    tls_key: str = ""
+    tls_ca: str = ""  # set: clients must present a certificate this CA signed
     network_timeout_s: float = 60.0
     dimse_timeout_s: float = 60.0
     acse_timeout_s: float = 30.0
+
+
+def _is_loopback(host: str) -> bool:
+    try:
+        addr = ipaddress.ip_address(host)
+    except ValueError:
+        return False
+    mapped = getattr(addr, "ipv4_mapped", None)
+    return bool((mapped or addr).is_loopback)
+
+
+def _in(host: str, networks: Sequence[str]) -> bool:
+    try:
+        addr = ipaddress.ip_address(host)
+    except ValueError:
+        return False
+    addr = getattr(addr, "ipv4_mapped", None) or addr
+    return any(addr in ipaddress.ip_network(n, strict=False) for n in networks)
+
+
+def admit(settings: ScpSettings, calling: str, host: str) -> str | None:
+    """Return None when ``calling`` may associate from ``host``, else the rule that refuses it.
+
+    Default-deny, as PACS modality tables are: a title in ``peers`` only from its
+    hosts; a title in ``allowed_calling_aes`` only from loopback; any title from
+    anywhere only with ``accept_any_calling_ae``.
+    """
+    calling = calling.strip()
+    if calling in settings.peers:
+        if _in(host, settings.peers[calling]):
+            return None
+        return (f"dicom.peers: {calling!r} is allowed only from "
+                f"{', '.join(settings.peers[calling])}")
+    if settings.accept_any_calling_ae:
+        return None
+    if calling in settings.allowed_calling_aes:
+        if _is_loopback(host):
+            return None
+        return (f"dicom.allowed_calling_aes: {calling!r} is allowed only from loopback; "
+                "list it in dicom.peers with its host")
+    return f"{calling!r} is in neither dicom.peers nor dicom.allowed_calling_aes"
+
+
+class _GatedAE(AE):
+    """An AE whose calling-AE check also looks at the caller's host.
+
+    pynetdicom reads ``require_calling_aet`` in the association's own thread
+    while negotiating as acceptor; answering with the caller's own title admits
+    it, and a list without it makes pynetdicom reject the association with
+    "calling AE title not recognised", as it would for an unknown title.
+    """
+
+    gate: Callable[[str, str], str | None] | None = None
+
+    @property  # type: ignore[override]
+    def require_calling_aet(self) -> list[str]:
+        assoc = threading.current_thread()
+        if self.gate is None or not isinstance(assoc, Association) or not assoc.is_acceptor:
+            return list(self._require_calling_aet)
+        calling = str(assoc.requestor.ae_title or "").strip()
+        refusal = self.gate(calling, str(assoc.requestor.address))
+        if refusal is None:
+            return [calling]
+        assoc.triage_refusal = refusal  # type: ignore[attr-defined]
+        return ["\x00"]  # no calling title equals it
+
+    @require_calling_aet.setter
+    def require_calling_aet(self, ae_titles: list[str]) -> None:
+        AE.require_calling_aet.fset(self, ae_titles)  # type: ignore[attr-defined]
+
+
+CONTEXT_RESULTS = {0x01: "rejected by us", 0x02: "no reason given",
+                   0x03: "abstract syntax (SOP class) not supported",
+                   0x04: "none of the proposed transfer syntaxes is supported"}
 
 
 class StoreScp:
@@ -112,11 +200,14 @@ class StoreScp:
 
     def _build_ae(self) -> AE:
         s = self.settings
-        ae = AE(ae_title=s.ae_title)
+        # Received data sets go to a temporary file as they arrive, not into memory
+        # (pynetdicom's chunked receive); the handler checks the size, then streams
+        # the file into the spool. pynetdicom deletes the file after the handler.
+        _pnd_config.STORE_RECV_CHUNKED_DATASET = True
+        ae = _GatedAE(ae_title=s.ae_title)
         ae.require_called_aet = True
-        # pynetdicom treats an empty list as "accept anyone": config validation
-        # guarantees the list is non-empty unless any-caller was chosen on purpose.
-        ae.require_calling_aet = [] if s.accept_any_calling_ae else list(s.allowed_calling_aes)
+        # Every association passes admit(): the calling title against its hosts.
+        ae.gate = lambda calling, host: admit(s, calling, host)
         ae.maximum_associations = s.max_associations
         ae.maximum_pdu_size = s.max_pdu
         ae.network_timeout = s.network_timeout_s
@@ -126,6 +217,16 @@ class StoreScp:
         for sop_class in STORAGE_SOP_CLASSES:
             ae.add_supported_context(sop_class, list(TRANSFER_SYNTAXES))
         return ae
+
+    @property
+    def alive(self) -> bool:
+        """Whether the listener is started and its accept loop is running."""
+        server = self._server
+        if server is None or server.socket.fileno() < 0:
+            return False
+        # socketserver clears this event while serve_forever() runs and sets it on exit.
+        done = getattr(server, "_BaseServer__is_shut_down", None)
+        return done is None or not done.is_set()
 
     @property
     def port(self) -> int:
@@ -140,10 +241,27 @@ class StoreScp:
             (evt.EVT_C_ECHO, self._on_echo),
             (evt.EVT_C_STORE, self._on_store),
             (evt.EVT_REJECTED, self._on_rejected),
+            (evt.EVT_ACCEPTED, self._on_accepted),
         ]
         s = self.settings
-        self._server = self.ae.start_server((s.host, s.port), block=False, evt_handlers=handlers)
-        log.info("DICOM listener %s on %s:%d", s.ae_title, s.host, self.port)
+        ctx = self._tls_context()
+        self._server = self.ae.start_server((s.host, s.port), block=False, evt_handlers=handlers,
+                                            ssl_context=ctx)
+        log.info("DICOM listener %s on %s:%d%s", s.ae_title, s.host, self.port,
+                 (" (TLS, client certificates required)" if s.tls_ca else " (TLS)") if ctx else "")
+
+    def _tls_context(self) -> ssl.SSLContext | None:
+        """The server's TLS context (TLS only on the port), or None when TLS is off."""
+        s = self.settings
+        if not s.tls_cert:
+            return None
+        ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+        ctx.minimum_version = ssl.TLSVersion.TLSv1_2
+        ctx.load_cert_chain(s.tls_cert, s.tls_key or None)
+        if s.tls_ca:
+            ctx.load_verify_locations(cafile=s.tls_ca)
+            ctx.verify_mode = ssl.CERT_REQUIRED
+        return ctx
 
     def stop(self, drain_timeout_s: float = 30.0) -> bool:
         """Stop accepting associations, let those in flight finish, then stop.
@@ -172,9 +290,28 @@ class StoreScp:
         return status.SUCCESS
 
     def _on_rejected(self, event: Any) -> None:
+        assoc = event.assoc
+        req = assoc.requestor
+        called = str(getattr(req.primitive, "called_ae_title", "") or "").strip()
+        reason = getattr(assoc, "triage_refusal", None)
+        if reason is None:
+            reason = (f"called AE title {called!r} is not {self.settings.ae_title!r}"
+                      if called and called != self.settings.ae_title
+                      else f"more than dicom.max_associations ({self.settings.max_associations}) "
+                           "associations at once")
+        log.warning("association from %s (calling AE %r, called AE %r) rejected: %s",
+                    req.address, str(req.ae_title).strip(), called, reason)
+
+    def _on_accepted(self, event: Any) -> None:
+        refused = event.assoc.rejected_contexts
+        if not refused:
+            return
         req = event.assoc.requestor
-        log.warning("association from %s (calling AE %r, called AE %r) rejected",
-                    req.address, req.ae_title, event.assoc.acceptor.ae_title)
+        what = "; ".join(f"{STORAGE_SOP_CLASSES.get(str(cx.abstract_syntax), cx.abstract_syntax)}: "
+                         f"{CONTEXT_RESULTS.get(cx.result, f'result {cx.result}')}"
+                         for cx in refused)
+        log.info("association from %s (calling AE %r): %d presentation context(s) refused: %s",
+                 req.address, str(req.ae_title).strip(), len(refused), what)
 
     def _on_store(self, event: Any) -> int:
         calling = str(event.assoc.requestor.ae_title).strip()
@@ -201,20 +338,26 @@ class StoreScp:
             raise Refusal(status.OUT_OF_RESOURCES,
                           f"free disk space below reserve ({self.spool.free_bytes() // 2**20} MiB free)")
         ts = str(event.context.transfer_syntax)
+        path = Path(event.dataset_path)
+        size = path.stat().st_size
+        limit = self.settings.max_dataset_bytes
+        if size > limit:
+            raise Refusal(status.TOO_LARGE, f"data set of {size / 2**20:.0f} MiB is larger than "
+                          f"the {limit / 2**20:.0f} MiB limit")
+        if not self.spool.has_room(size):
+            raise Refusal(status.OUT_OF_RESOURCES, "instance would take free disk space below reserve")
         try:
-            ds = event.dataset
-            ds.file_meta = event.file_meta
+            # Values over 1 MiB (the pixel data) stay on disk: only the header is read.
+            ds = dcmread(path, defer_size="1 MiB")
             header = check(ds, sop_class, sop_uid, compressed=ts not in UNCOMPRESSED,
-                           transfer_syntax=ts)
+                           transfer_syntax=ts, max_pixels=self.settings.max_pixels)
         except Refusal:
             raise
         except Exception as e:
             raise Refusal(status.UNREADABLE, f"data set cannot be parsed: {type(e).__name__}: {e}") from e
-        data = event.encoded_dataset(include_meta=True)
-        if not self.spool.has_room(len(data)):
-            raise Refusal(status.OUT_OF_RESOURCES, "instance would take free disk space below reserve")
+        del ds  # only the header goes on; the bytes are streamed from the file
         try:
-            entry = self.spool.write(header.study_uid, header.sop_instance_uid, data)
+            entry = self.spool.write_file(header.study_uid, header.sop_instance_uid, path)
         except SpoolError as e:
             code = status.OUT_OF_RESOURCES if e.out_of_space else status.UNEXPECTED
             raise Refusal(code, str(e)) from e

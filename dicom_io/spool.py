@@ -65,7 +65,7 @@ class Spool:
         self.fsync = fsync
         self.min_free_bytes = min_free_bytes
         self.tmp = self.root / TMP_DIR
-        self.tmp.mkdir(parents=True, exist_ok=True)
+        self.tmp.mkdir(parents=True, exist_ok=True, mode=0o700)
 
     def free_bytes(self) -> int:
         """Return the bytes available to us on the spool's file system."""
@@ -105,8 +105,47 @@ class Spool:
             raise SpoolError(f"spool write failed: {e.strerror or e}", out_of_space=full) from e
         return SpoolEntry(final, rel, digest, len(data), existed=False)
 
+    def write_file(self, study_uid: str, sop_uid: str, source: Path,
+                   chunk: int = 1 << 20) -> SpoolEntry:
+        """Durably copy the file ``source`` into the spool, as :meth:`write` does with bytes,
+        reading it in chunks: a large data set is never held in memory."""
+        sha = hashlib.sha256()
+        size = 0
+        with open(source, "rb") as fh:
+            while block := fh.read(chunk):
+                sha.update(block)
+                size += len(block)
+        digest = sha.hexdigest()
+        final = self.path_for(study_uid, sop_uid, digest)
+        rel = final.relative_to(self.root).as_posix()
+        if final.exists() and final.stat().st_size == size:
+            return SpoolEntry(final, rel, digest, size, existed=True)
+        tmp = self.tmp / f"{uuid.uuid4().hex}.part"
+        try:
+            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+            try:
+                with open(source, "rb") as fh:
+                    while block := fh.read(chunk):
+                        view = memoryview(block)
+                        while view:
+                            n = os.write(fd, view)
+                            view = view[n:]
+                if self.fsync:
+                    os.fsync(fd)
+            finally:
+                os.close(fd)
+            self._ensure_dir(final.parent)
+            os.replace(tmp, final)
+            if self.fsync:
+                _fsync_dir(final.parent)
+        except OSError as e:
+            tmp.unlink(missing_ok=True)
+            full = e.errno in (errno.ENOSPC, errno.EDQUOT)
+            raise SpoolError(f"spool write failed: {e.strerror or e}", out_of_space=full) from e
+        return SpoolEntry(final, rel, digest, size, existed=False)
+
     def _write_tmp(self, tmp: Path, data: bytes) -> None:
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o640)
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)  # the daemon's user only
         try:
             view = memoryview(data)
             while view:
@@ -125,7 +164,8 @@ class Spool:
         while not p.exists():
             created.append(p)
             p = p.parent
-        d.mkdir(parents=True, exist_ok=True)
+        for c in reversed(created):
+            c.mkdir(mode=0o700, exist_ok=True)
         if self.fsync:
             # A new directory entry is durable only once its parent is synced.
             for c in reversed(created):

@@ -11,6 +11,8 @@ from dataclasses import dataclass
 
 SUCCESS = 0x0000
 OUT_OF_RESOURCES = 0xA700  # low free disk space, or the disk filled while writing
+TOO_LARGE = 0xA701  # the data set is larger than dicom.max_dataset_mb
+TOO_MANY_PIXELS = 0xA702  # Rows x Columns x Frames above dicom.max_pixels (before decoding)
 DATASET_MISMATCH = 0xA900  # data set does not match the SOP class it was sent as
 UNREADABLE = 0xC210  # the data set could not be parsed
 UNEXPECTED = 0xC211  # an unexpected error in the handler (pynetdicom uses it too)
@@ -19,6 +21,8 @@ BAD_UID = 0xC220  # a required UID is missing or not a valid UID
 MEANING = {
     SUCCESS: "Success",
     OUT_OF_RESOURCES: "Refused: Out of Resources",
+    TOO_LARGE: "Refused: Out of Resources (data set larger than the configured maximum)",
+    TOO_MANY_PIXELS: "Refused: Out of Resources (more pixels than the configured maximum)",
     DATASET_MISMATCH: "Error: Data Set does not match SOP Class",
     UNREADABLE: "Error: Cannot understand (data set unreadable)",
     UNEXPECTED: "Error: Cannot understand (unexpected processing failure)",

@@ -2,7 +2,8 @@
 # Install the Debian packages the tests need, only when they are missing:
 # DCMTK (storescu, echoscu, storescp, dsrdump), headless Chromium, dicom3tools
 # (dciodvfy), Orthanc (the PACS the results tests send to) and openssl (the
-# TLS test's throw-away CA).
+# TLS test's throw-away CA) and strace (the test that records the system calls
+# of one C-STORE).
 set -euo pipefail
 need=()
 command -v storescu >/dev/null 2>&1 && command -v dsrdump >/dev/null 2>&1 || need+=(dcmtk)
@@ -10,6 +11,7 @@ command -v chromium >/dev/null 2>&1 || need+=(chromium)
 command -v dciodvfy >/dev/null 2>&1 || need+=(dicom3tools)
 command -v Orthanc >/dev/null 2>&1 || [ -x /usr/sbin/Orthanc ] || need+=(orthanc)
 command -v openssl >/dev/null 2>&1 || need+=(openssl)
+command -v strace >/dev/null 2>&1 || need+=(strace)
 if [ ${#need[@]} -eq 0 ]; then
   exit 0
 fi

@@ -64,20 +64,47 @@ class DicomConfig:
     accept_any_calling_ae: bool = False
     max_associations: int = 16
     max_pdu: int = 262144
+    max_dataset_mb: int = 512
+    max_pixels: int = 100_000_000
     network_timeout_s: float = 60.0
     dimse_timeout_s: float = 60.0
     acse_timeout_s: float = 30.0
+    # {calling AE title: [host address or network, ...]}: who may call from where.
+    peers: dict[str, list[str]] = field(default_factory=dict)
+    tls_cert: str = ""
+    tls_key: str = ""
+    tls_ca: str = ""
+    allow_plaintext_remote: bool = False
 
     def __post_init__(self) -> None:
         _check_host(self.host, "dicom.host")
+        for ae, hosts in self.peers.items():
+            _check_ae(ae, f"dicom.peers.{ae}")
+            _check(isinstance(hosts, list) and bool(hosts), f"dicom.peers.{ae}",
+                   "must be a non-empty list of host addresses or networks")
+            for h in hosts:
+                try:
+                    ipaddress.ip_network(str(h), strict=False)
+                except ValueError:
+                    _check(False, f"dicom.peers.{ae}", f"{h!r} is not an IP address or network")
+        _check(bool(self.tls_cert) == bool(self.tls_key), "dicom.tls_cert",
+               "tls_cert and tls_key must be set together")
+        _check(not self.tls_ca or bool(self.tls_cert), "dicom.tls_ca",
+               "verifying clients needs the listener's own tls_cert and tls_key")
+        _check(is_loopback(self.host) or bool(self.tls_cert) or self.allow_plaintext_remote,
+               "dicom.host", f"{self.host} is not a loopback address and TLS is off: set "
+               "dicom.tls_cert and dicom.tls_key, or dicom.allow_plaintext_remote = true on "
+               "purpose")
         _check_port(self.port, "dicom.port")
         _check_ae(self.ae_title, "dicom.ae_title")
         for ae in self.allowed_calling_aes:
             _check_ae(ae, "dicom.allowed_calling_aes")
-        _check(bool(self.allowed_calling_aes) or self.accept_any_calling_ae,
+        _check(bool(self.allowed_calling_aes) or bool(self.peers) or self.accept_any_calling_ae,
                "dicom.allowed_calling_aes",
                "is empty; list the callers, or set dicom.accept_any_calling_ae = true on purpose")
         _check(self.max_associations >= 1, "dicom.max_associations", "must be >= 1")
+        _check(self.max_dataset_mb >= 1, "dicom.max_dataset_mb", "must be >= 1")
+        _check(self.max_pixels >= 1, "dicom.max_pixels", "must be >= 1")
         _check(self.max_pdu == 0 or self.max_pdu >= 4096, "dicom.max_pdu",
                "must be 0 (unlimited) or >= 4096")
         for name in ("network_timeout_s", "dimse_timeout_s", "acse_timeout_s"):
@@ -106,9 +133,15 @@ class WebConfig:
     token: str = ""
     basic_user: str = ""
     basic_password: str = ""
+    session_minutes: float = 480.0
+    tls_cert: str = ""
+    tls_key: str = ""
 
     def __post_init__(self) -> None:
         _check_host(self.host, "web.host")
+        _check(bool(self.tls_cert) == bool(self.tls_key), "web.tls_cert",
+               "tls_cert and tls_key must be set together")
+        _check(self.session_minutes > 0, "web.session_minutes", "must be > 0")
         _check_port(self.port, "web.port")
         _check(not self.token or (len(self.token) >= MIN_TOKEN_CHARS and self.token.isascii()
                                   and self.token.isprintable() and " " not in self.token),
@@ -358,9 +391,15 @@ class WorkerConfig:
     max_studies_in_flight: int = 8
     heatmaps: bool = True
     tier_overrides: dict[str, float] = field(default_factory=dict)
+    decode_timeout_s: float = 120.0
+    max_attempts: int = 3
+    retry_backoff_s: float = 30.0
 
     def __post_init__(self) -> None:
         _check(1 <= self.processes <= 64, "worker.processes", "must be 1..64")
+        _check(self.decode_timeout_s > 0, "worker.decode_timeout_s", "must be > 0")
+        _check(1 <= self.max_attempts <= 100, "worker.max_attempts", "must be 1..100")
+        _check(self.retry_backoff_s >= 0, "worker.retry_backoff_s", "must be >= 0")
         _check(1 <= self.batch_size <= 256, "worker.batch_size", "must be 1..256")
         _check(self.poll_interval_s > 0, "worker.poll_interval_s", "must be > 0")
         _check(self.max_studies_in_flight >= 1, "worker.max_studies_in_flight", "must be >= 1")

@@ -65,8 +65,44 @@ def thresholds_source(profile: SiteProfile | None, model_name: str = "", model_s
 
 def applied_thresholds(card_thresholds: Mapping[str, float | None], profile: SiteProfile | None,
                        overrides: Mapping[str, float]) -> dict[str, float | None]:
-    """Return the thresholds scoring uses: the card's, replaced by the profile's, then overrides."""
-    return {**card_thresholds, **(profile.thresholds if profile is not None else {}), **overrides}
+    """Return the thresholds scoring uses: the card's, replaced by the profile's, then overrides.
+
+    Raises ConfigError when ``worker.tier_overrides`` names a tier the model does
+    not have (suggesting the closest name) or would invert the tiers' order.
+    """
+    base = {**card_thresholds, **(profile.thresholds if profile is not None else {})}
+    check_overrides(base, overrides)
+    return {**base, **overrides}
+
+
+def check_overrides(base: Mapping[str, float | None], overrides: Mapping[str, float]) -> None:
+    """Refuse overrides of unknown tiers (with "did you mean") and overrides that would put
+    a more urgent tier's threshold at or below a less urgent one's."""
+    import difflib
+
+    names = sorted(n for n in base if n != "routine")
+    for name in overrides:
+        if name in base:
+            continue
+        close = difflib.get_close_matches(name, names, n=1, cutoff=0.5)
+        hint = f"did you mean {close[0]!r}?" if close else f"the model's tiers are {', '.join(names)}"
+        raise ConfigError(f"config key 'worker.tier_overrides.{name}': the model has no tier "
+                          f"{name!r}; {hint}")
+    # The card's order, most urgent (highest threshold) first, must survive the overrides.
+    points = {n: t for n, t in base.items() if t is not None and n != "routine"}
+    order = sorted(points, key=lambda n: -float(points[n] or 0.0))
+    merged = {**base, **overrides}
+    for upper in order:
+        for lower in order:
+            if upper not in overrides and lower not in overrides:
+                continue
+            hi, lo = merged[upper], merged[lower]
+            if (float(points[upper] or 0.0) > float(points[lower] or 0.0) and hi is not None
+                    and lo is not None and hi <= lo):
+                raise ConfigError(
+                    f"config key 'worker.tier_overrides': {upper} ({hi:g}) must stay above "
+                    f"{lower} ({lo:g}), as in the model's operating points; the order is "
+                    + " > ".join(order))
 
 
 def drift_reference(card: Mapping[str, Any], profile: SiteProfile | None) -> Mapping[str, Any]:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import os
 
-from triage.inference.decoders import CRASHED, DecoderPool
+from triage.inference.decoders import CRASHED, DecoderPool, timed_out
 
 _STATE: dict[str, int] = {}
 
@@ -43,3 +43,21 @@ def test_a_crash_costs_only_the_job_that_crashed() -> None:
 def test_empty_map_starts_nothing() -> None:
     pool = DecoderPool(1, _job, _crashed)
     assert pool.map([]) == [] and pool._pool is None
+
+
+def _hang_or_job(key: int, value: int) -> tuple[int, int, int]:
+    if value == 13:
+        import time
+
+        time.sleep(3600)  # a decoder stuck in a loop on a pathological stream
+    return _job(key, value)
+
+
+def test_a_hung_decoder_is_stopped_and_costs_only_its_own_job() -> None:
+    jobs = [(0, 1), (1, 13), (2, 3)]
+    with DecoderPool(2, _hang_or_job, _crashed, _init, (0,), timeout_s=3) as pool:
+        out = pool.map(jobs)
+        again = pool.map([(9, 9)])  # the pool is usable afterwards
+    assert out[1] == (1, timed_out(3))
+    assert [out[0][:2], out[2][:2]] == [(0, 1), (2, 3)]
+    assert again[0][:2] == (9, 9)

@@ -61,6 +61,7 @@ def test_kill_9_mid_stream_loses_no_acknowledged_instance(tmp_path: Path) -> Non
     wait_for(lambda: _echo_ok(port), timeout=60)
 
     acked: dict[str, Path] = {}
+    cut: dict[int, int] = {}  # stream -> the send whose answer never came
     lock = threading.Lock()
 
     def stream(k: int) -> None:
@@ -72,8 +73,10 @@ def test_kill_9_mid_stream_loses_no_acknowledged_instance(tmp_path: Path) -> Non
             try:
                 rsp = assoc.send_c_store(p)
             except Exception:
+                cut[k] = i
                 return
             if "Status" not in rsp:
+                cut[k] = i
                 return
             if rsp.Status == 0:
                 with lock:
@@ -89,6 +92,9 @@ def test_kill_9_mid_stream_loses_no_acknowledged_instance(tmp_path: Path) -> Non
         t.join(60)
     n_acked = len(acked)
     assert n_acked >= 40
+    # The kill landed mid-stream: every stream was cut short, with a C-STORE unanswered.
+    assert sorted(cut) == [0, 1, 2, 3], cut
+    assert all(i < 199 for i in cut.values()), cut
 
     proc = _start(cfg, log)
     try:

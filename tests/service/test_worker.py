@@ -141,6 +141,10 @@ def test_kill_9_during_scoring_then_restart_scores_every_study_exactly_once(tmp_
     proc.send_signal(signal.SIGKILL)
     proc.wait(30)
     killed_at = n_results()
+    # The kill landed mid-scoring: some studies scored, others still waiting for a result.
+    with sqlite3.connect(data / "triage.sqlite") as c:
+        waiting = c.execute("SELECT count(*) FROM studies WHERE state != 'scored'").fetchone()[0]
+    assert 1 <= killed_at < len(dss) and waiting >= 1, (killed_at, waiting)
     # Orphaned decoders notice the daemon is gone and exit.
     wait_for(lambda: not any(Path(f"/proc/{p}").exists() for p in decoders), timeout=30)
     proc = start()

@@ -26,7 +26,7 @@ def test_upgrade_from_first_revision_keeps_rows(tmp_path: Path) -> None:
     engine.dispose()
     engine = dbm.open_db(tmp_path / "old.sqlite")  # what `serve` does at start
     with engine.connect() as c:
-        assert dbm.current_revision(engine) == "0010"
+        assert dbm.current_revision(engine) == "0011"
         assert c.execute(text("SELECT study_uid, state, version, reported_at FROM studies")).all() == [
             ("1.2.3", "complete", 1, None)]
         assert c.execute(text("SELECT relpath FROM instances")).all() == [("aa/x.dcm",)]
@@ -64,4 +64,4 @@ def test_outbox_revision_keeps_results_and_names_their_threshold_source(tmp_path
     with engine.connect() as c:
         assert c.execute(text("SELECT tier FROM results")).all() == [("routine",)]
     dbm.upgrade(engine)
-    assert dbm.current_revision(engine) == "0010"
+    assert dbm.current_revision(engine) == "0011"

@@ -84,3 +84,54 @@ def test_marking_reported_moves_a_study_and_a_second_mark_keeps_the_first_time(s
     assert store.mark_reported(sid, reported=False)
     assert len(load_rows(store)) == 1
     assert not store.mark_reported(9999)
+
+
+LONG_ACC = "ACC-" + "9" * 52  # 56 characters, as some RIS systems send
+
+
+def test_worklist_rows_as_radiologists_see_them(store: Store, tmp_path: Path) -> None:
+    import re
+
+    from triage import resources
+
+    long_id = add_study(store, "long", db.SCORED, NOW - 50, [("urgent", 0.95)], accession=LONG_ACC)
+    bare_id = add_study(store, "bare", db.SCORED, NOW - 40, [("routine", 0.10)])
+    with store.write() as s:
+        st = s.get(Study, long_id)
+        assert st is not None
+        st.patient_age, st.patient_sex = "064Y", "F"
+        bare = s.get(Study, bare_id)
+        assert bare is not None
+        bare.study_description = bare.study_date = bare.modality = None
+    pages = Pages(store, tmp_path / "www", ModelInfo("m", "0" * 64, "", THRESHOLDS),
+                  WorklistConfig(), clock=lambda: NOW)
+    pages.render_worklist()
+    html = pages.worklist_html.read_text()
+    rows = re.findall(r'<tr class="study".*?</tr>', html, re.S)
+    assert len(rows) == 2
+    # Age and sex on every row, in words; unknown said so rather than left blank.
+    assert all('class="agesex"' in r for r in rows)
+    assert "64 y, female" in html and "age, sex unknown" in html
+    # The long accession number is cut by the stylesheet, the full text on hover.
+    assert f'title="{LONG_ACC}"' in html
+    css = (resources.path("templates") / "style.css").read_text()
+    rule = re.search(r"td\.acc[^{]*\{[^}]*\}", css.split("td.date, td.acc")[1])
+    assert rule is not None and "text-overflow: ellipsis" in rule.group(0)
+    assert "max-width" in rule.group(0)
+    # A study page with empty fields has no empty separators.
+    page = pages.study_page(bare_id)
+    assert page is not None
+    meta = re.search(r'<p class="meta">.*?</p>', page, re.S)
+    assert meta is not None
+    assert not re.search(r"&middot;\s*&middot;|·\s*·", meta.group(0)), meta.group(0)
+
+
+def test_unreadable_image_reasons_are_words_not_exception_names(tmp_path: Path) -> None:
+    from triage.core.errors import UnscorableError
+    from triage.imaging.loading import load_image
+
+    bad = tmp_path / "x.png"
+    bad.write_bytes(b"\x89PNG\r\n\x1a\n" + b"\x00" * 20)
+    with pytest.raises(UnscorableError) as e:
+        load_image(bad)
+    assert e.value.reason == "image cannot be decoded"

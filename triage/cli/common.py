@@ -27,11 +27,14 @@ def load_config(args: argparse.Namespace, **extra: Any) -> Any:
 
 
 def setup_logging(level: str = "INFO") -> None:
-    """Configure the root logger (only the CLI does this) and quieten chatty libraries."""
-    logging.basicConfig(
-        level=getattr(logging, level.upper(), logging.INFO),
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-    )
+    """Configure the root logger (only the CLI does this) and quieten chatty libraries.
+
+    Called again once the config is read: the second call sets the configured
+    level (``basicConfig`` alone would keep the first one).
+    """
+    lvl = getattr(logging, level.upper(), logging.INFO)
+    logging.basicConfig(level=lvl, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    logging.getLogger().setLevel(lvl)
     # pynetdicom narrates every message at INFO; our own handlers log what matters.
     logging.getLogger("pynetdicom").setLevel(logging.WARNING)
     # Alembic narrates its plugins and context; triage logs the migration itself.

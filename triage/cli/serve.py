@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 
 from triage.cli.common import SubParsers, config_args, load_config, setup_logging
 
@@ -11,7 +12,8 @@ def _serve(args: argparse.Namespace) -> int:
     from triage.service.daemon import serve
 
     cfg = load_config(args, **{"dicom.port": args.dicom_port, "web.port": args.web_port})
-    setup_logging(cfg.logging.level)
+    # The configured level from here on (TRIAGE_LOG_LEVEL, when set, wins for debugging).
+    setup_logging(os.environ.get("TRIAGE_LOG_LEVEL") or cfg.logging.level)
     return serve(cfg)
 
 

@@ -69,6 +69,9 @@ class Row:
     previous_tier: str | None = None
     rescoring: bool = False  # new images arrived; the tier shown is the previous version's
     reported_at: float | None = None
+    reported_by: str | None = None  # who marked it reported (history)
+    patient_sex: str | None = None
+    patient_age: str | None = None  # DICOM Age String, e.g. 064Y
 
 
 @dataclass(frozen=True)

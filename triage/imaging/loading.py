@@ -60,7 +60,7 @@ def load_image(path: str | Path, cfg: PreprocessConfig = _DEFAULT) -> np.ndarray
             arr = np.asarray(im)
             mode = im.mode
     except (UnidentifiedImageError, OSError, ValueError) as e:
-        raise UnscorableError(f"image cannot be decoded ({type(e).__name__})") from e
+        raise UnscorableError("image cannot be decoded") from e
     if arr.ndim == 3:
         if _is_colour(arr):
             raise UnscorableError("colour image")

@@ -14,6 +14,7 @@ decoder processes (and in ``triage score``).
 
 from __future__ import annotations
 
+import logging
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -94,8 +95,10 @@ def prepare(key: int, path: str, transfer_syntax: str | None = None) -> Prepared
             out.xg = guard_input(out.display)
     except UnscorableError as e:
         out.reason = e.reason
-    except Exception as e:  # a bad file must never stop the worker
-        out.reason = f"unexpected error while decoding: {type(e).__name__}"
+    except Exception:  # a bad file must never stop the worker
+        # Words for the radiologist; the details go to the log.
+        logging.getLogger(__name__).exception("image %s: unexpected error while decoding", key)
+        out.reason = "the image could not be read (an unexpected decoding error)"
     out.seconds = time.perf_counter() - t0
     return out
 

@@ -22,13 +22,18 @@ import os
 import threading
 import time
 from collections.abc import Callable, Sequence
-from concurrent.futures import Future, ProcessPoolExecutor
+from concurrent.futures import Future, ProcessPoolExecutor, wait
 from concurrent.futures.process import BrokenProcessPool
 from typing import Any
 
 log = logging.getLogger(__name__)
 
 CRASHED = "pixel data crashed the decoder"
+
+
+def timed_out(seconds: float) -> str:
+    """The reason given for an image whose decoding was stopped after ``seconds``."""
+    return f"decoding took longer than {seconds:g} s and was stopped"
 
 
 def _exit_with(parent_pid: int, interval_s: float = 1.0) -> None:
@@ -54,16 +59,20 @@ def _start(parent_pid: int | None, init: Callable[..., Any] | None, initargs: tu
 class DecoderPool:
     """Runs ``job(*args)`` for each args tuple in worker processes, isolating crashes.
 
-    ``on_crash(*args, CRASHED)`` answers for a job whose process died. Use as a
-    context manager, or call :meth:`close`.
+    ``on_crash(*args, CRASHED)`` answers for a job whose process died, and
+    ``on_crash(*args, timed_out(timeout_s))`` for one still running after
+    ``timeout_s`` (its process is killed: a hung decoder never stops the
+    others). Use as a context manager, or call :meth:`close`.
     """
 
     def __init__(self, processes: int, job: Callable[..., Any],
                  on_crash: Callable[..., Any], init: Callable[..., Any] | None = None,
-                 initargs: tuple[Any, ...] = (), watch_parent: bool = True) -> None:
+                 initargs: tuple[Any, ...] = (), watch_parent: bool = True,
+                 timeout_s: float | None = None) -> None:
         self.processes, self.job, self.on_crash = processes, job, on_crash
         self.init, self.initargs = init, initargs
         self.watch_parent = watch_parent
+        self.timeout_s = timeout_s
         self._pool: ProcessPoolExecutor | None = None
 
     def __enter__(self) -> DecoderPool:
@@ -86,8 +95,17 @@ class DecoderPool:
 
     def _restart(self) -> None:
         if self._pool is not None:
-            self._pool.shutdown(wait=False, cancel_futures=True)
+            self._kill(self._pool)
         self._pool = self._new_pool()
+
+    @staticmethod
+    def _kill(pool: ProcessPoolExecutor) -> None:
+        """Shut ``pool`` down without waiting, killing its processes (one may be hung)."""
+        procs = list((getattr(pool, "_processes", None) or {}).values())
+        pool.shutdown(wait=False, cancel_futures=True)
+        for p in procs:
+            if p.is_alive():
+                p.kill()
 
     def submit(self, args: Sequence[Any]) -> Future[Any]:
         """Submit one job; its future may raise BrokenProcessPool."""
@@ -101,16 +119,28 @@ class DecoderPool:
             return []
         try:
             futures = [self.submit(j) for j in jobs]
-            return [f.result() for f in futures]
+            if self.timeout_s is None:
+                return [f.result() for f in futures]
+            # Each image may take timeout_s of one process: the whole batch gets that many rounds.
+            rounds = -(-len(jobs) // self.processes)
+            _, late = wait(futures, timeout=self.timeout_s * rounds)
+            if not late:
+                return [f.result() for f in futures]
+            log.error("%d image(s) still decoding after %g s; decoding these images one at a "
+                      "time", len(late), self.timeout_s * rounds)
         except BrokenProcessPool:
             log.error("a decoder process died; decoding these images one at a time")
         out = []
         for j in jobs:
             self._restart()
             try:
-                out.append(self.submit(j).result())
+                out.append(self.submit(j).result(timeout=self.timeout_s))
             except BrokenProcessPool:
                 out.append(self.on_crash(*j, CRASHED))
+            except TimeoutError:
+                log.error("an image took longer than %g s to decode; its decoder was stopped",
+                          self.timeout_s)
+                out.append(self.on_crash(*j, timed_out(self.timeout_s or 0.0)))
         self._restart()
         return out
 

@@ -7,6 +7,7 @@ cleanly, so what is tested is what runs.
 from __future__ import annotations
 
 import logging
+import os
 import signal
 import threading
 from dataclasses import dataclass, field
@@ -18,13 +19,16 @@ from triage.config import Config
 from triage.core.errors import TriageError
 from triage.inference.guard import load_guard
 from triage.inference.model import OnnxModel
-from triage.profile import SiteProfile, drift_reference, read_profile
+from triage.profile import SiteProfile, applied_thresholds, drift_reference, read_profile
+from triage.service.datadir import DataDirLock, check_ports
+from triage.service.health import CONTENT_TYPE as METRICS_CONTENT_TYPE
+from triage.service.health import CountingRecorder, Metrics, health
 from triage.service.jobs import Jobs
 from triage.service.sender import OutboxSender
 from triage.service.worker import ScoringWorker
 from triage.store.database import open_db
 from triage.store.repository import Store
-from triage.web.app import build_app
+from triage.web.app import Ops, build_app
 from triage.web.pages import ModelInfo, Pages
 from triage.web.security import check_exposure
 from triage.web.server import WebServer
@@ -45,6 +49,8 @@ class Daemon:
     web: WebServer
     sender: OutboxSender
     jobs: Jobs = field(default_factory=Jobs)
+    lock: DataDirLock | None = None
+    metrics: Metrics | None = None
 
     @property
     def dicom_port(self) -> int:
@@ -74,7 +80,17 @@ class Daemon:
         self.sender.start()  # outbox rows left by a previous run are sent first
         self.worker.start()
 
-    def _on_result(self, _result_id: int) -> None:
+    def health(self) -> tuple[bool, dict[str, Any]]:
+        """Whether the listener, the scheduler and the worker are alive, with the detail."""
+        return health({"listener": lambda: self.scp.alive, "scheduler": lambda: self.jobs.alive,
+                       "worker": lambda: self.worker.alive})
+
+    def _on_result(self, result_id: int) -> None:
+        if self.metrics is not None and result_id:
+            try:
+                self.metrics.observe_result(result_id)
+            except Exception:
+                log.exception("could not observe the scoring latency")
         self.sender.wake()
         self.jobs.soon("render-after-result", self.pages.render_worklist,
                        self.cfg.worklist.render_debounce_s)
@@ -120,6 +136,8 @@ class Daemon:
         self.sender.stop()
         self.jobs.stop()
         self.store.engine.dispose()
+        if self.lock is not None:
+            self.lock.release()
 
 
 def scp_settings(cfg: Config) -> ScpSettings:
@@ -129,6 +147,9 @@ def scp_settings(cfg: Config) -> ScpSettings:
         host=d.host, port=d.port, ae_title=d.ae_title,
         allowed_calling_aes=d.allowed_calling_aes, accept_any_calling_ae=d.accept_any_calling_ae,
         max_associations=d.max_associations, max_pdu=d.max_pdu,
+        max_dataset_bytes=d.max_dataset_mb * 2**20, max_pixels=d.max_pixels,
+        peers={ae: tuple(hosts) for ae, hosts in d.peers.items()},
+        tls_cert=d.tls_cert, tls_key=d.tls_key, tls_ca=d.tls_ca,
         network_timeout_s=d.network_timeout_s, dimse_timeout_s=d.dimse_timeout_s,
         acse_timeout_s=d.acse_timeout_s,
     )
@@ -137,27 +158,59 @@ def scp_settings(cfg: Config) -> ScpSettings:
 def build_daemon(cfg: Config) -> Daemon:
     """Open and migrate the database, open the spool and wire the listener.
 
-    Returns a Daemon that is not yet started. Raises TriageError when the data
-    directory cannot be used.
+    Returns a Daemon that is not yet started, holding the data directory's lock.
+    Raises TriageError when the data directory cannot be used or another daemon
+    holds it, or when a configured port is taken (then nothing has been created).
     """
     check_exposure(cfg.web)
     # The model and any site profile are checked before anything is created on disk.
     model = load_model(cfg)
     profile = load_site_profile(cfg, model)
     guard = load_guard(cfg.guard, model.card)
+    # worker.tier_overrides against the model's tiers: a misspelt or inverted one stops here.
+    applied_thresholds(model.thresholds, profile, cfg.worker.tier_overrides)
+    st = cfg.storage
+    # One daemon per data directory, and nothing created or migrated before the
+    # directory is free and the ports can be bound.
+    lock = DataDirLock(st.root)
+    lock.check()
+    check_ports((cfg.dicom.host, cfg.dicom.port, "dicom.port"),
+                (cfg.web.host, cfg.web.port, "web.port"))
+    try:
+        # The daemon's user only: the database and spool hold patient data.
+        st.root.mkdir(parents=True, exist_ok=True, mode=0o700)
+        if st.root.stat().st_mode & 0o077:
+            log.warning("data directory %s was readable by others: now 0700", st.root)
+            os.chmod(st.root, 0o700)
+    except OSError as e:
+        raise TriageError(f"data directory {st.root} is not usable: {e.strerror or e}") from e
+    lock.acquire()
+    try:
+        return _wire(cfg, model, profile, guard, lock)
+    except BaseException:
+        lock.release()
+        raise
+
+
+def _wire(cfg: Config, model: OnnxModel, profile: SiteProfile | None, guard: Any,
+          lock: DataDirLock) -> Daemon:
     st = cfg.storage
     try:
-        st.root.mkdir(parents=True, exist_ok=True)
         spool = Spool(st.spool_dir, fsync=st.fsync, min_free_bytes=st.min_free_mb * 2**20)
     except OSError as e:
         raise TriageError(f"data directory {st.root} is not usable: {e.strerror or e}") from e
     store = Store(open_db(st.db_path))
+    metrics = Metrics(store)
     sender = OutboxSender(cfg.results, store, st.root)
     worker = ScoringWorker(cfg, store, model, st.root, profile=profile, guard=guard)
     pages = Pages(store, st.root / "www", model_info(worker), cfg.worklist)
-    app = build_app(pages, st.root, cfg.web)
-    return Daemon(cfg, store, spool, StoreScp(scp_settings(cfg), spool, store), worker, pages,
-                  WebServer(cfg.web, app), sender)
+    scp = StoreScp(scp_settings(cfg), spool, CountingRecorder(store, metrics))
+    ops = Ops(health=lambda: daemon.health(), metrics=metrics.text,
+              metrics_content_type=METRICS_CONTENT_TYPE)
+    app = build_app(pages, st.root, cfg.web, ops)
+    daemon = Daemon(cfg, store, spool, scp, worker, pages, WebServer(cfg.web, app), sender,
+                    lock=lock, metrics=metrics)
+    return daemon
 
 
 def model_info(worker: ScoringWorker) -> ModelInfo:
@@ -203,7 +256,11 @@ def serve(cfg: Config) -> int:
     signal.signal(signal.SIGINT, _on_signal)
     try:
         daemon.start()
-    except OSError as e:
+    except BaseException as e:
+        if daemon.lock is not None:
+            daemon.lock.release()
+        if not isinstance(e, OSError):
+            raise
         raise TriageError(f"cannot listen on {cfg.dicom.host}:{cfg.dicom.port}: "
                           f"{e.strerror or e}") from e
     log.info("triage is running; data in %s; worklist at http://%s:%d/", cfg.storage.root,

@@ -57,6 +57,12 @@ class Jobs:
         """Return the ids of the scheduled jobs (interval and pending one-off)."""
         return sorted(j.id for j in self._scheduler.get_jobs())
 
+    @property
+    def alive(self) -> bool:
+        """Whether the scheduler is running (its thread alive)."""
+        thread = getattr(self._scheduler, "_thread", None)
+        return bool(self._scheduler.running) and (thread is None or thread.is_alive())
+
     def stop(self) -> None:
         """Stop scheduling and wait for running jobs to finish."""
         if self._scheduler.state != STATE_STOPPED:

@@ -11,6 +11,7 @@ from sqlalchemy import func, select
 
 from triage.config import Config
 from triage.core.errors import TriageError
+from triage.service.datadir import DataDirLock
 from triage.store import outbox
 from triage.store import schema as db
 from triage.store.database import current_revision, make_engine
@@ -40,7 +41,9 @@ def gather(cfg: Config) -> dict[str, Any]:
         revision = current_revision(engine)
     finally:
         engine.dispose()
+    pid = DataDirLock(cfg.storage.root).holder()
     return {
+        "daemon": {"running": pid is not None, "pid": pid or None},
         "database": str(path), "schema_revision": revision,
         "studies": counts, "failed_results": failed_results,
         "backlog": counts[db.COMPLETE], "receiving": counts[db.RECEIVING],
@@ -70,9 +73,12 @@ def _model(cfg: Config) -> dict[str, Any]:
 def render(st: dict[str, Any]) -> str:
     """Return the status as a few human-readable lines."""
     s = st["studies"]
+    d = st["daemon"]
     lines = [
-        f"studies: received {s[db.RECEIVING]}, complete {s[db.COMPLETE]}, scored {s[db.SCORED]}, "
-        f"unscored {s[db.UNSCORED]}, failed {s[db.FAILED]}",
+        (f"daemon: running (pid {d['pid']})" if d["pid"] else "daemon: running") if d["running"]
+        else "daemon: NOT RUNNING on this data directory (start it with `triage serve`); "
+             "the figures below are from its database",
+        "studies: " + ", ".join(f"{state} {s[state]}" for state in db.STUDY_STATES),
         f"backlog: {st['backlog']} complete stud{'y' if st['backlog'] == 1 else 'ies'} waiting to be scored",
         f"refused C-STOREs in the last 24 h: {st['refused_last_24h']}",
     ]

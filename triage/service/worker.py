@@ -26,7 +26,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from sqlalchemy import select
+from sqlalchemy import or_, select
 
 from dicom_io.ids import uid_hash, uid_key
 from triage.config import Config
@@ -40,7 +40,7 @@ from triage.inference.scoring import ImageScore, infer
 from triage.profile import SiteProfile, applied_thresholds, thresholds_source
 from triage.store import outbox
 from triage.store import schema as db
-from triage.store.schema import ImageResult, Instance, Result, Study
+from triage.store.schema import ImageResult, Instance, Result, Study, StudyEvent
 
 log = logging.getLogger(__name__)
 
@@ -59,11 +59,21 @@ class Job:
     sop_uid: str
 
 
-def decoder_pool(processes: int, card: dict[str, Any], guard: Guard | None = None) -> DecoderPool:
+def decoder_pool(processes: int, card: dict[str, Any], guard: Guard | None = None,
+                 timeout_s: float | None = None) -> DecoderPool:
     """Return the decoder pool the daemon and replay use: :func:`prepare.prepare` per image
-    (with the input guard's input too when ``guard`` needs one)."""
+    (with the input guard's input too when ``guard`` needs one), each image stopped after
+    ``timeout_s``."""
     return DecoderPool(processes, prepare.prepare, prepare.unreadable, prepare.init,
-                       (card, guard.input_card if guard is not None else None))
+                       (card, guard.input_card if guard is not None else None), timeout_s=timeout_s)
+
+
+def failure_words(e: BaseException) -> str:
+    """What went wrong, in words for the worklist (never an exception class name)."""
+    if isinstance(e, OSError):
+        what = e.strerror or "input/output error"
+        return f"could not write the study's files ({what.lower()})"
+    return "an internal error in scoring (the daemon's log has the details)"
 
 
 class ScoringWorker:
@@ -84,7 +94,8 @@ class ScoringWorker:
         # {kind: destination labels}: what each result sends where (empty: nothing).
         self.wants = {kind: [d.label for d in cfg.results.wants(kind)]
                       for kind in (db.SR, db.OVERLAY)}
-        self.pool = pool or decoder_pool(cfg.worker.processes, dict(model.card), guard)
+        self.pool = pool or decoder_pool(cfg.worker.processes, dict(model.card), guard,
+                                         cfg.worker.decode_timeout_s)
         # Called with the result id after each result is committed (the daemon
         # schedules a worklist render); it must return quickly.
         self.on_result: Callable[[int], Any] | None = None
@@ -97,6 +108,11 @@ class ScoringWorker:
         self._thread = threading.Thread(target=self._run, name="scoring-worker", daemon=True)
         self._thread.start()
 
+    @property
+    def alive(self) -> bool:
+        """Whether the worker thread is running and has not been asked to stop."""
+        return self._thread is not None and self._thread.is_alive() and not self._stop.is_set()
+
     def stop(self) -> None:
         """Stop after the studies in hand; shut the pool down."""
         self._stop.set()
@@ -106,21 +122,76 @@ class ScoringWorker:
 
     def _run(self) -> None:
         while not self._stop.is_set():
+            ids: list[int] = []
             try:
                 ids = self.pending(self.cfg.worker.max_studies_in_flight)
                 if ids:
-                    self.score_studies(ids)
+                    self.score_isolated(ids)
             except Exception:
                 log.exception("scoring worker iteration failed; retrying")
                 ids = []
             if not ids:
                 self._stop.wait(self.cfg.worker.poll_interval_s)
 
+    def score_isolated(self, study_ids: list[int]) -> dict[int, int | None]:
+        """Score studies together; when that fails, each alone, so that one study that cannot
+        be scored costs only its own attempt (see :meth:`fail`)."""
+        try:
+            return self.score_studies(study_ids)
+        except Exception as e:
+            if len(study_ids) == 1:
+                self.fail(study_ids[0], None, e)
+                return {study_ids[0]: None}
+            log.warning("scoring %d studies together failed; scoring each alone", len(study_ids))
+        out: dict[int, int | None] = {}
+        for sid in study_ids:
+            try:
+                out.update(self.score_studies([sid]))
+            except Exception as e:
+                self.fail(sid, None, e)
+                out[sid] = None
+        return out
+
+    def fail(self, study_id: int, version: int | None, e: BaseException) -> None:
+        """Count a failed scoring attempt: retry later with backoff, or, once
+        ``worker.max_attempts`` have failed, mark the study failed with the reason."""
+        log.error("scoring study #%d failed: %s", study_id, failure_words(e),
+                  exc_info=(type(e), e, e.__traceback__))
+        w = self.cfg.worker
+        now = time.time()
+        with self.store.write() as s:
+            study = s.get(Study, study_id)
+            if study is None or study.state != db.COMPLETE or (
+                    version is not None and study.version != version):
+                return  # reopened meanwhile: the new version starts afresh
+            study.attempts += 1
+            study.failure = failure_words(e)
+            if study.attempts >= w.max_attempts:
+                study.state, study.retry_at = db.FAILED, None
+                detail = f"scoring failed {study.attempts} times; gave up: {study.failure}"
+            else:
+                delay = w.retry_backoff_s * 2 ** (study.attempts - 1)
+                study.retry_at = now + delay
+                detail = (f"scoring attempt {study.attempts} of {w.max_attempts} failed, "
+                          f"next in {delay:g} s: {study.failure}")
+            s.add(StudyEvent(study_id=study_id, at=now, kind="failed", detail=detail))
+            final = study.state == db.FAILED
+        (log.error if final else log.warning)("study #%d: %s", study_id, detail)
+        if final and self.on_result is not None:
+            try:
+                self.on_result(0)  # shows on the worklist at the next render
+            except Exception:
+                log.exception("result listener failed")
+
     def pending(self, limit: int) -> list[int]:
-        """Return ids of complete studies waiting for a result, oldest completion first."""
+        """Return ids of complete studies waiting for a result and not waiting out a retry
+        backoff, oldest completion first."""
+        now = time.time()
         with self.store.read() as s:
-            return list(s.scalars(select(Study.id).where(Study.state == db.COMPLETE)
-                                  .order_by(Study.completed_at, Study.id).limit(limit)))
+            return list(s.scalars(select(Study.id).where(
+                Study.state == db.COMPLETE,
+                or_(Study.retry_at.is_(None), Study.retry_at <= now))
+                .order_by(Study.completed_at, Study.id).limit(limit)))
 
     def score_study(self, study_id: int) -> int | None:
         """Score one complete study; returns its result id or None (see :meth:`score_studies`)."""
@@ -147,12 +218,17 @@ class ScoringWorker:
         for sid, (version, study_uid, js) in work.items():
             th = time.perf_counter()
             mine = [prepared[j.instance_id] for j in js]
-            files = self._heatmaps(study_uid, version, mine, scores)
-            timings = {"decode_s": round(t_decode - t0, 4), "infer_s": round(t_infer - t_decode, 4),
-                       "heatmap_s": round(time.perf_counter() - th, 4),
-                       "decode_cpu_s": round(sum(p.seconds for p in mine), 4),
-                       "batch_studies": len(work)}
-            out[sid] = self._record(sid, version, mine, scores, files, timings, js)
+            try:
+                files = self._heatmaps(study_uid, version, mine, scores)
+                timings = {"decode_s": round(t_decode - t0, 4),
+                           "infer_s": round(t_infer - t_decode, 4),
+                           "heatmap_s": round(time.perf_counter() - th, 4),
+                           "decode_cpu_s": round(sum(p.seconds for p in mine), 4),
+                           "batch_studies": len(work)}
+                out[sid] = self._record(sid, version, mine, scores, files, timings, js)
+            except Exception as e:  # this study's failure must not cost the others theirs
+                self.fail(sid, version, e)
+                out[sid] = None
         return out
 
     def _snapshot(self, study_ids: list[int]) -> dict[int, tuple[int, str, list[Job]]]:
@@ -225,6 +301,7 @@ class ScoringWorker:
             s.add_all(rows)
             outbox.plan(s, res, rows, self.wants, now)
             study.state = state
+            study.attempts, study.retry_at, study.failure = 0, None, None
             s.flush()
             rid = res.id
         self._log(study_id, version, state, p, tier, change, reasons)

@@ -7,6 +7,7 @@ The Alembic revisions live in ``migrations/`` (found through
 from __future__ import annotations
 
 import logging
+import os
 from pathlib import Path
 from typing import Any
 
@@ -66,7 +67,12 @@ def current_revision(engine: Engine) -> str | None:
 
 
 def open_db(db_path: Path) -> Engine:
-    """Open (creating if needed) the database and upgrade it to head; return the engine."""
+    """Open (creating if needed, readable by the daemon's user only) the database and upgrade
+    it to head; return the engine."""
+    db_path = Path(db_path)
+    db_path.parent.mkdir(parents=True, exist_ok=True)
+    # Created 0600 before SQLite opens it: SQLite gives its -wal and -shm files the same mode.
+    os.close(os.open(db_path, os.O_RDWR | os.O_CREAT, 0o600))
     engine = make_engine(db_path)
     before = current_revision(engine)
     upgrade(engine)

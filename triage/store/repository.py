@@ -24,9 +24,21 @@ from dicom_io.scp import ReceivedInstance
 from dicom_io.spool import Spool, SpoolEntry
 from dicom_io.store_status import Refusal
 from triage.store import schema as db
-from triage.store.schema import Instance, Rejection, Replacement, Study
+from triage.store.schema import Instance, Rejection, Replacement, Study, StudyEvent
 
 log = logging.getLogger(__name__)
+
+# Who "reported" a study the daemon itself took off the worklist.
+SYSTEM_USER = "triage"
+FIELD_WORDS = {"accession_number": "accession number", "patient_name": "patient name",
+               "patient_id": "patient ID", "patient_sex": "sex", "patient_age": "age",
+               "study_date": "study date", "study_time": "study time",
+               "study_description": "study description", "modality": "modality"}
+
+
+def _name(study: Study) -> str:
+    """A study as people name it: its accession number, or a short hash of its UID."""
+    return study.accession_number or f"#{study.id} ({uid_hash(study.study_uid)})"
 
 
 class Store:
@@ -52,8 +64,13 @@ class Store:
         """Record a durable instance and group it into its study.
 
         Returns 'stored' (new), 'duplicate' (byte-identical resend: nothing
-        changes) or 'replaced' (same SOP Instance UID, different bytes: the new
-        file becomes current, the replacement is recorded, the study reopens).
+        changes), 'replaced' (same SOP Instance UID, different bytes: the new
+        file becomes current, the replacement is recorded, the study reopens) or
+        'moved' (same SOP Instance UID under another StudyInstanceUID, as after a
+        PACS merges or splits studies: the instance joins the new study, and the
+        old one is rescored without it, or, left empty, leaves the worklist with
+        a note). The latest instance's demographics win; the values they replace
+        stay in the study's history.
         """
         now = self.clock()
         h = inst.header
@@ -64,9 +81,10 @@ class Store:
                 return "duplicate"
             if study is None:
                 study = Study(study_uid=h.study_uid, state=db.RECEIVING, version=1, n_instances=0,
-                              first_received_at=now, last_received_at=now)
+                              attempts=0, first_received_at=now, last_received_at=now)
                 s.add(study)
-            self._touch_study(study, h, now)
+                s.flush()
+            self._touch_study(s, study, h, now)
             if existing is None:
                 s.add(self._new_instance(study, inst, now))
                 study.n_instances += 1
@@ -77,8 +95,43 @@ class Store:
             existing.relpath, existing.sha256 = inst.entry.relpath, inst.entry.sha256
             existing.size, existing.received_at = inst.entry.size, now
             existing.transfer_syntax = inst.transfer_syntax
+            existing.series_uid, existing.sop_class_uid = h.series_uid, h.sop_class_uid
+            if existing.study_id != study.id:
+                self._move(s, existing, study, now)
+                return "moved"
             log.info("instance %s replaced by a different payload", uid_hash(h.sop_instance_uid))
             return "replaced"
+
+    def _move(self, s: Session, inst: Instance, to: Study, now: float) -> None:
+        """Move ``inst`` from its study to ``to``: rescore the old one, or retire it when empty."""
+        old = s.get(Study, inst.study_id)
+        assert old is not None
+        image = uid_hash(inst.sop_instance_uid)
+        inst.study_id = to.id
+        to.n_instances += 1
+        old.n_instances = max(0, old.n_instances - 1)
+        s.add(StudyEvent(study_id=to.id, at=now, kind="moved-in",
+                         detail=f"image {image} moved here from study {_name(old)}"))
+        s.add(StudyEvent(study_id=old.id, at=now, kind="moved-out",
+                         detail=f"image {image} moved to study {_name(to)}"))
+        log.info("instance %s moved from study %s to study %s", image,
+                 uid_hash(old.study_uid), uid_hash(to.study_uid))
+        if old.n_instances == 0:
+            # Nothing left to read: off the worklist, into history, with the reason.
+            old.state = db.MOVED
+            old.note = f"moved to study {_name(to)}"
+            old.completed_at = now
+            if old.reported_at is None:
+                old.reported_at, old.reported_by = now, SYSTEM_USER
+            return
+        # Rescore without the image: a new version, completed after the quiet period.
+        old.note = f"image {image} moved to study {_name(to)}"
+        if old.state != db.RECEIVING:
+            old.state = db.RECEIVING
+            old.version += 1
+            old.completed_at = None
+            old.attempts, old.retry_at, old.failure = 0, None, None
+        old.last_received_at = now
 
     @staticmethod
     def _new_instance(study: Study, inst: ReceivedInstance, now: float) -> Instance:
@@ -90,21 +143,38 @@ class Store:
                         calling_ae=inst.calling_ae, received_at=now)
 
     @staticmethod
-    def _touch_study(study: Study, h: Header, now: float) -> None:
+    def _touch_study(s: Session, study: Study, h: Header, now: float) -> None:
         if study.state != db.RECEIVING:
             # A late instance reopens the study; results get a new version.
             log.info("study %s reopened by a late instance", uid_hash(study.study_uid))
             study.state = db.RECEIVING
             study.version += 1
             study.completed_at = None
+            study.attempts, study.retry_at, study.failure = 0, None, None
+            if study.note and study.note.startswith("moved to study"):
+                study.note = None
         if study.reported_at is not None:
             # New images after the report must be read again: back to the worklist.
             log.info("reported study %s has new images: back on the worklist", uid_hash(study.study_uid))
             study.reported_at = None
+            study.reported_by = None
         study.last_received_at = now
+        # The latest instance wins (a correction at the modality or the PACS);
+        # the value it replaces stays in the study's history. Empty values never
+        # erase what an earlier instance said.
+        changed = []
         for attr, value in h.study_fields().items():
-            if value is not None and getattr(study, attr) is None:
-                setattr(study, attr, value)
+            current = getattr(study, attr)
+            if value is None or value == current:
+                continue
+            if current is not None:
+                changed.append(f"{FIELD_WORDS.get(attr, attr)} was {current!r}, now {value!r}")
+            setattr(study, attr, value)
+        if changed:
+            s.add(StudyEvent(study_id=study.id, at=now, kind="corrected",
+                             detail="; ".join(changed)))
+            log.info("study %s: %d header field(s) corrected by a later instance",
+                     uid_hash(study.study_uid), len(changed))
 
     def record_rejection(self, calling_ae: str, sop_class_uid: str | None,
                          sop_uid: str | None, refusal: Refusal) -> None:
@@ -128,19 +198,20 @@ class Store:
                           .values(state=db.COMPLETE, completed_at=now))
         return ids
 
-    def mark_reported(self, study_id: int, reported: bool = True) -> bool:
-        """Mark a study reported (it moves to history) or, with ``reported=False``, unread again.
-
-        Returns False when there is no such study. Marking twice keeps the first time.
+    def mark_reported(self, study_id: int, reported: bool = True, by: str | None = None) -> bool:
+        """Mark a study reported by ``by`` (it moves to history) or, with ``reported=False``,
+        unread again. Returns False when there is no such study. Marking twice keeps the
+        first time and the first user.
         """
         with self.write() as s:
             study = s.get(Study, study_id)
             if study is None:
                 return False
             if not reported:
-                study.reported_at = None
+                study.reported_at = study.reported_by = None
             elif study.reported_at is None:
                 study.reported_at = self.clock()
+                study.reported_by = (by or "")[:64] or None
         log.info("study #%d marked %s", study_id, "reported" if reported else "unread")
         return True
 

@@ -32,11 +32,12 @@ from triage.store.schema import (
     Result,
     ResultObject,
     Study,
+    StudyEvent,
 )
 
 log = logging.getLogger(__name__)
 
-FINAL_STATES = (db.SCORED, db.UNSCORED, db.FAILED)
+FINAL_STATES = (db.SCORED, db.UNSCORED, db.FAILED, db.MOVED)
 BATCH = 50
 
 
@@ -85,6 +86,7 @@ def _delete_rows(session: Any, ids: list[int]) -> None:
     session.execute(delete(Result).where(Result.study_id.in_(ids)))
     session.execute(delete(Replacement).where(Replacement.instance_id.in_(inst_ids)))
     session.execute(delete(Instance).where(Instance.study_id.in_(ids)))
+    session.execute(delete(StudyEvent).where(StudyEvent.study_id.in_(ids)))
     session.execute(delete(Study).where(Study.id.in_(ids)))
 
 

@@ -20,10 +20,12 @@ from sqlalchemy import (
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, relationship
 
 # Study states. A study moves receiving -> complete -> scored | unscored | failed,
-# and back to receiving when a late instance reopens it.
-RECEIVING, COMPLETE, SCORED, UNSCORED, FAILED = (
-    "receiving", "complete", "scored", "unscored", "failed")
-STUDY_STATES = (RECEIVING, COMPLETE, SCORED, UNSCORED, FAILED)
+# and back to receiving when a late instance reopens it. A study whose every
+# instance was re-sent under another StudyInstanceUID is "moved" (and leaves the
+# worklist); a new instance reopens it like any other.
+RECEIVING, COMPLETE, SCORED, UNSCORED, FAILED, MOVED = (
+    "receiving", "complete", "scored", "unscored", "failed", "moved")
+STUDY_STATES = (RECEIVING, COMPLETE, SCORED, UNSCORED, FAILED, MOVED)
 
 
 class Base(DeclarativeBase):
@@ -54,6 +56,16 @@ class Study(Base):
     # Set when a radiologist marks the study reported (it moves to history);
     # cleared when a late instance reopens it. Retention purges only these.
     reported_at: Mapped[float | None] = mapped_column(Float, index=True)
+    # Who marked it reported (the web login's user name, or "triage" when the
+    # daemon itself took it off the worklist, e.g. every image moved away).
+    reported_by: Mapped[str | None] = mapped_column(String(64))
+    # A note for the worklist and history, e.g. "moved to study …".
+    note: Mapped[str | None] = mapped_column(Text)
+    # Scoring attempts of the current version that failed, when the next may
+    # start, and the last failure in words (state "failed" once attempts run out).
+    attempts: Mapped[int] = mapped_column(Integer, nullable=False, server_default="0", default=0)
+    retry_at: Mapped[float | None] = mapped_column(Float)
+    failure: Mapped[str | None] = mapped_column(Text)
     instances: Mapped[list[Instance]] = relationship(back_populates="study")
 
 
@@ -86,6 +98,18 @@ class Replacement(Base):
     new_relpath: Mapped[str] = mapped_column(Text, nullable=False)
     new_sha256: Mapped[str] = mapped_column(String(64), nullable=False)
     replaced_at: Mapped[float] = mapped_column(Float, nullable=False)
+
+
+class StudyEvent(Base):
+    """Something that happened to a study besides a result: an instance moved in or out,
+    a demographic correction (with the values it replaced), a scoring failure."""
+
+    __tablename__ = "study_events"
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    study_id: Mapped[int] = mapped_column(ForeignKey("studies.id"), nullable=False, index=True)
+    at: Mapped[float] = mapped_column(Float, nullable=False)
+    kind: Mapped[str] = mapped_column(String(32), nullable=False)  # moved-in | moved-out | corrected | failed
+    detail: Mapped[str] = mapped_column(Text, nullable=False)  # in words
 
 
 class Rejection(Base):

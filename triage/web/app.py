@@ -9,6 +9,8 @@ directory's ``heatmaps/`` folder, after resolving the path. Who may ask is
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -27,7 +29,7 @@ from starlette.responses import (
 from starlette.routing import Route
 
 from triage.config import WebConfig
-from triage.web.security import LOOPBACK_HOSTS, AuthMiddleware, SecurityHeaders
+from triage.web.security import LOOPBACK_HOSTS, AuthMiddleware, SecurityHeaders, Sessions
 
 log = logging.getLogger(__name__)
 
@@ -44,8 +46,18 @@ def safe_file(root: Path, relpath: str) -> Path | None:
     return target
 
 
-def build_app(pages: Any, data_root: Path, web: WebConfig) -> Starlette:
-    """Return the Starlette app serving ``pages`` and the overlays under ``data_root``."""
+@dataclass(frozen=True)
+class Ops:
+    """What the operations endpoints ask the daemon: liveness (ok, detail) and metrics text."""
+
+    health: Callable[[], tuple[bool, dict[str, Any]]]
+    metrics: Callable[[], bytes]
+    metrics_content_type: str = "text/plain; version=0.0.4; charset=utf-8"
+
+
+def build_app(pages: Any, data_root: Path, web: WebConfig, ops: Ops | None = None) -> Starlette:
+    """Return the Starlette app serving ``pages`` and the overlays under ``data_root``, and,
+    with ``ops``, ``/healthz`` (200 or 503, JSON) and ``/metrics`` (Prometheus text)."""
     heatmaps = data_root / "heatmaps"
     no_store = {"Cache-Control": "no-store"}
 
@@ -83,11 +95,21 @@ def build_app(pages: Any, data_root: Path, web: WebConfig) -> Starlette:
 
     def _mark(request: Request, reported: bool) -> Response:
         sid = request.path_params["study_id"]
-        if not pages.mark_reported(sid, reported):
+        user = request.scope.get("state", {}).get("user")
+        if not pages.mark_reported(sid, reported, by=user):
             return PlainTextResponse("404 Not Found: no such study\n", status_code=404)
         if "application/json" in request.headers.get("accept", ""):
             return JSONResponse({"study_id": sid, "reported": reported})
         return RedirectResponse("/" if reported else f"/study/{sid}", status_code=303)
+
+    def healthz(request: Request) -> Response:
+        assert ops is not None
+        ok, detail = ops.health()
+        return JSONResponse(detail, status_code=200 if ok else 503, headers=no_store)
+
+    def metrics(request: Request) -> Response:
+        assert ops is not None
+        return Response(ops.metrics(), media_type=ops.metrics_content_type, headers=no_store)
 
     def favicon(request: Request) -> Response:
         return Response(status_code=204)  # none, and no 404 in the browser's console
@@ -99,8 +121,11 @@ def build_app(pages: Any, data_root: Path, web: WebConfig) -> Starlette:
         Route("/study/{study_id:int}/report", report, methods=["POST"]),
         Route("/study/{study_id:int}/unreport", unreport, methods=["POST"]),
     ]
+    if ops is not None:
+        routes += [Route("/healthz", healthz), Route("/metrics", metrics)]
     middleware = [Middleware(SecurityHeaders, csp_hashes=pages.csp_hashes),
-                  Middleware(AuthMiddleware, web=web)]
+                  Middleware(AuthMiddleware, web=web,
+                             sessions=Sessions(web.session_minutes * 60.0))]
     if not web.auth_required:
         # Unauthenticated is loopback only; refusing foreign Host headers also stops
         # DNS rebinding from turning a web page into a client of this server.

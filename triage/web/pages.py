@@ -40,7 +40,7 @@ from triage.core.worklist import (
 from triage.files import write_atomic
 from triage.store import outbox
 from triage.store import schema as db
-from triage.store.schema import Alert, ImageResult, Result, Study
+from triage.store.schema import Alert, ImageResult, Result, Study, StudyEvent
 
 log = logging.getLogger(__name__)
 DISCLAIMER = "Not for diagnostic use: triage aid"
@@ -82,9 +82,21 @@ def environment() -> jinja2.Environment:
     env.filters["pn"] = lambda v: "" if v is None else str(v).replace("^", " ").strip()
     env.filters["when"] = lambda t: "" if t is None else time.strftime(
         "%Y-%m-%d %H:%M", time.localtime(t))
+    env.filters["age"] = format_age
+    env.filters["sex"] = lambda v: {"M": "male", "F": "female", "O": "other"}.get(
+        str(v or "").strip().upper(), "")
     env.globals["study_datetime"] = format_study_datetime
     env.globals["disclaimer"] = DISCLAIMER
     return env
+
+
+def format_age(value: str | None) -> str:
+    """A DICOM Age String as people write it: '064Y' -> '64 y', '006M' -> '6 mo'; '' if none."""
+    v = str(value or "").strip().upper()
+    units = {"Y": "y", "M": "mo", "W": "wk", "D": "d"}
+    if len(v) == 4 and v[:3].isdigit() and v[3] in units:
+        return f"{int(v[:3])} {units[v[3]]}"
+    return ""
 
 
 def asset_hashes(env: jinja2.Environment) -> dict[str, str]:
@@ -100,12 +112,18 @@ def asset_hashes(env: jinja2.Environment) -> dict[str, str]:
 
 
 def _reason(study: Study, res: Result | None) -> str | None:
+    if study.state == db.MOVED:
+        return study.note or "every image moved to another study"
+    if study.state == db.FAILED:
+        return f"scoring failed: {study.failure}" if study.failure else "scoring failed"
     if study.state == db.RECEIVING:
         return "receiving images"
     if study.state == db.COMPLETE:
+        if study.attempts:
+            return f"scoring failed {study.attempts}×, retrying: {study.failure or 'unknown'}"
         return "queued for scoring"
     if res is None:
-        return "no result recorded" if study.state == db.FAILED else None
+        return None
     if res.state != db.SCORED:
         reasons = json.loads(res.reasons or "[]")
         return "; ".join(reasons) or res.state
@@ -126,7 +144,8 @@ def row_of(study: Study, res: Result | None) -> Row:
         n_images=study.n_instances, reason=_reason(study, res), version=study.version,
         tier_change=res.tier_change if res else None,
         previous_tier=res.previous_tier if res else None, rescoring=rescoring,
-        reported_at=study.reported_at)
+        reported_at=study.reported_at, reported_by=study.reported_by,
+        patient_sex=study.patient_sex, patient_age=study.patient_age)
 
 
 def load_rows(store: Any, reported: bool = False, accession: str | None = None,
@@ -190,8 +209,10 @@ def study_detail(store: Any, study_id: int) -> dict[str, Any] | None:
             images = [ImageView(ir.instance_id, ir.probability, priority(ir.probability, thresholds),
                                 ir.reason, ir.heatmap_path, ir.view_position, ir.rows, ir.columns)
                       for ir in s.scalars(q)]
+        events = list(s.scalars(select(StudyEvent).where(StudyEvent.study_id == study_id)
+                                .order_by(StudyEvent.at.desc(), StudyEvent.id.desc())))
     return {"study": study, "row": row_of(study, results[0] if results else None),
-            "results": results, "images": images, "thresholds": thresholds}
+            "results": results, "images": images, "thresholds": thresholds, "events": events}
 
 
 # --- rendering -----------------------------------------------------------------
@@ -241,12 +262,11 @@ class Pages:
         log.debug("worklist rendered: %d active studies", len(placed))
         return placed
 
-    def mark_reported(self, study_id: int, reported: bool = True) -> bool:
-        """Mark a study reported (it moves to history) or unread again, then re-render at once.
-
-        Returns False when there is no such study.
+    def mark_reported(self, study_id: int, reported: bool = True, by: str | None = None) -> bool:
+        """Mark a study reported by ``by`` (it moves to history) or unread again, then
+        re-render at once. Returns False when there is no such study.
         """
-        if not self.store.mark_reported(study_id, reported):
+        if not self.store.mark_reported(study_id, reported, by):
             return False
         self.render_worklist()
         return True

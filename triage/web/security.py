@@ -10,9 +10,12 @@ from __future__ import annotations
 
 import base64
 import binascii
-import hashlib
 import hmac
 import logging
+import secrets
+import threading
+import time
+from collections.abc import Callable
 from typing import Any
 from urllib.parse import urlencode, urlsplit
 
@@ -36,64 +39,130 @@ def check_exposure(web: WebConfig) -> None:
                           "web.basic_user and web.basic_password before exposing the worklist")
 
 
-def session_value(token: str) -> str:
-    """Return the cookie value for ``token``: derived from it, so the cookie never holds it."""
-    return hmac.new(token.encode(), b"triage worklist session", hashlib.sha256).hexdigest()
+# Who did it, when the request names nobody: the token's holder, or the local user
+# of an unauthenticated loopback worklist.
+TOKEN_USER, LOCAL_USER = "token", "local"
+
+
+class Sessions:
+    """Login sessions: a random id per login, with an expiry, forgotten at logout.
+
+    Kept in memory: a restart logs everybody out, which is the safe side.
+    """
+
+    def __init__(self, lifetime_s: float, clock: Callable[[], float] = time.time) -> None:
+        self.lifetime_s, self.clock = lifetime_s, clock
+        self._lock = threading.Lock()
+        self._by_id: dict[str, tuple[str, float]] = {}
+
+    def new(self, user: str) -> str:
+        """Open a session for ``user``; return its id (the cookie's value)."""
+        sid = secrets.token_urlsafe(32)
+        now = self.clock()
+        with self._lock:
+            # Forget expired sessions as new ones open, so the table stays small.
+            self._by_id = {k: v for k, v in self._by_id.items() if v[1] > now}
+            self._by_id[sid] = (user, now + self.lifetime_s)
+        return sid
+
+    def user(self, sid: str) -> str | None:
+        """Return the user of a live session, or None (unknown or expired)."""
+        with self._lock:
+            entry = self._by_id.get(sid)
+            if entry is None:
+                return None
+            if entry[1] <= self.clock():
+                del self._by_id[sid]
+                return None
+            return entry[0]
+
+    def end(self, sid: str) -> bool:
+        """Forget a session (logout); return whether it was live."""
+        with self._lock:
+            return self._by_id.pop(sid, None) is not None
 
 
 def _same(a: str, b: str) -> bool:
     return hmac.compare_digest(a.encode(), b.encode())
 
 
-def authorized(web: WebConfig, headers: Any, cookies: dict[str, str]) -> bool:
-    """Return True when a request carries the token (bearer or session cookie) or basic auth.
+def authorized_user(web: WebConfig, headers: Any, cookies: dict[str, str],
+                    sessions: Sessions | None = None) -> str | None:
+    """Return who is asking when the request carries the token (bearer or a live session
+    cookie) or basic auth; None when it is not authorized.
 
     With no auth configured every request is authorized (loopback only, see check_exposure).
     """
     if not web.auth_required:
-        return True
+        return LOCAL_USER
     scheme, _, value = (headers.get("authorization") or "").partition(" ")
-    if web.token:
-        if scheme.lower() == "bearer" and _same(value.strip(), web.token):
-            return True
-        if _same(cookies.get(COOKIE, ""), session_value(web.token)):
-            return True
+    if web.token and scheme.lower() == "bearer" and _same(value.strip(), web.token):
+        return TOKEN_USER
+    sid = cookies.get(COOKIE)
+    if sid and sessions is not None:
+        user = sessions.user(sid)
+        if user is not None:
+            return user
     if web.basic_user and scheme.lower() == "basic":
         try:
             user, _, password = base64.b64decode(value.strip(), validate=True).decode().partition(":")
         except (binascii.Error, UnicodeDecodeError):
-            return False
+            return None
         # Evaluate both comparisons, so timing does not tell which one failed.
-        return _same(user, web.basic_user) & _same(password, web.basic_password)
-    return False
+        if _same(user, web.basic_user) & _same(password, web.basic_password):
+            return user
+    return None
+
+
+def authorized(web: WebConfig, headers: Any, cookies: dict[str, str],
+               sessions: Sessions | None = None) -> bool:
+    """Return True when the request is authorized (see :func:`authorized_user`)."""
+    return authorized_user(web, headers, cookies, sessions) is not None
 
 
 class AuthMiddleware:
-    """Let authorized requests through; trade a valid ``?token=`` for a session cookie."""
+    """Let authorized requests through (who asks goes to ``scope["state"]["user"]``); trade a
+    valid ``?token=`` for a session cookie of its own, with an expiry; ``POST /logout`` ends it."""
 
-    def __init__(self, app: ASGIApp, web: WebConfig) -> None:
-        self.app, self.web = app, web
+    def __init__(self, app: ASGIApp, web: WebConfig, sessions: Sessions) -> None:
+        self.app, self.web, self.sessions = app, web, sessions
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
         request = Request(scope)
+        if scope["path"] == "/logout" and scope["method"] == "POST":
+            await self._logout(request)(scope, receive, send)
+            return
         token = request.query_params.get("token")
         if self.web.token and token is not None and _same(token, self.web.token):
             await self._login(request)(scope, receive, send)
-        elif authorized(self.web, request.headers, request.cookies):
-            await self.app(scope, receive, send)
-        else:
+            return
+        user = authorized_user(self.web, request.headers, request.cookies, self.sessions)
+        if user is None:
             await self._refuse()(scope, receive, send)
+            return
+        scope.setdefault("state", {})["user"] = user
+        await self.app(scope, receive, send)
 
     def _login(self, request: Request) -> Response:
         # Redirect to the same URL without the token, so it does not stay in the address bar.
         rest = [(k, v) for k, v in request.query_params.multi_items() if k != "token"]
         target = request.url.path + (f"?{urlencode(rest)}" if rest else "")
         resp = RedirectResponse(target, status_code=303)
-        resp.set_cookie(COOKIE, session_value(self.web.token), httponly=True, samesite="strict",
-                        path="/")
+        resp.set_cookie(COOKIE, self.sessions.new(TOKEN_USER), httponly=True, samesite="strict",
+                        path="/", max_age=int(self.sessions.lifetime_s),
+                        secure=request.url.scheme == "https")
+        return resp
+
+    def _logout(self, request: Request) -> Response:
+        sid = request.cookies.get(COOKIE)
+        if sid:
+            self.sessions.end(sid)
+        resp = PlainTextResponse("Logged out.\n")
+        resp.delete_cookie(COOKIE, path="/", httponly=True, samesite="strict",
+                           secure=request.url.scheme == "https")
         return resp
 
     def _refuse(self) -> Response:

@@ -40,7 +40,9 @@ class WebServer:
             raise TriageError(f"cannot listen on web {self.web.host}:{self.web.port}: "
                               f"{e.strerror or e}") from e
         config = uvicorn.Config(self.app, log_config=None, access_log=False, lifespan="off",
-                                timeout_graceful_shutdown=5, server_header=False)
+                                timeout_graceful_shutdown=5, server_header=False,
+                                ssl_certfile=self.web.tls_cert or None,
+                                ssl_keyfile=self.web.tls_key or None)
         self._server = uvicorn.Server(config)
         self._thread = threading.Thread(target=self._server.run, kwargs={"sockets": [self._sock]},
                                         name="web", daemon=True)
@@ -50,7 +52,8 @@ class WebServer:
             time.sleep(0.01)
         if not self._server.started:
             raise TriageError(f"the web server on {self.web.host}:{self.port} did not start")
-        log.info("worklist at http://%s:%d/", self.web.host, self.port)
+        log.info("worklist at %s://%s:%d/", "https" if self.web.tls_cert else "http",
+                 self.web.host, self.port)
 
     def stop(self) -> None:
         """Stop serving; requests in flight get a few seconds to finish."""

@@ -1,0 +1,120 @@
+"""``GET /healthz`` and ``GET /metrics``: is the daemon alive, and what is it doing.
+
+Counts that only this process sees (instances received and refused, scoring
+latency) are prometheus-client counters and a histogram, fed by
+:class:`CountingRecorder` and the worker's result listener. What the database
+knows (studies by state, backlog, outbox, drift alert) is read at each scrape
+by a collector, so it survives restarts and never drifts from the worklist.
+Each daemon has its own registry (tests run several in one process).
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from typing import Any
+
+from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
+from prometheus_client.core import GaugeMetricFamily
+from prometheus_client.registry import Collector
+from sqlalchemy import func, select
+
+from dicom_io.scp import ReceivedInstance
+from dicom_io.store_status import Refusal
+from triage.store import outbox
+from triage.store import schema as db
+from triage.store.schema import Alert, Result, Study
+
+CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
+# Seconds from a study's completion to its recorded result.
+LATENCY_BUCKETS = (0.1, 0.25, 0.5, 1, 2, 5, 10, 30, 60, 120, 300, 600, 1800, 3600)
+
+
+class _StoreCollector(Collector):
+    """What the database says, read at each scrape."""
+
+    def __init__(self, store: Any) -> None:
+        self.store = store
+
+    def collect(self) -> Any:
+        counts = self.store.counts()
+        studies = GaugeMetricFamily("triage_studies", "Studies by state", labels=["state"])
+        for state, n in counts.items():
+            studies.add_metric([state], n)
+        yield studies
+        yield GaugeMetricFamily("triage_backlog", "Complete studies waiting to be scored",
+                                value=counts[db.COMPLETE])
+        with self.store.read() as s:
+            alert = s.scalar(select(func.count()).select_from(Alert).where(
+                Alert.kind == "drift", Alert.active.is_(True))) or 0
+        yield GaugeMetricFamily("triage_drift_alert", "1 while a drift alert is active",
+                                value=1 if alert else 0)
+        box = GaugeMetricFamily("triage_outbox", "Result objects to the PACS by destination and "
+                                "state", labels=["destination", "state"])
+        for dest, states in sorted(outbox.totals(self.store).items()):
+            for state, n in states.items():
+                box.add_metric([dest, state], n)
+        yield box
+        yield GaugeMetricFamily("triage_outbox_dead_letters", "Outbox rows in the dead letter",
+                                value=outbox.dead_letter_count(self.store))
+
+
+class Metrics:
+    """The daemon's registry and the metrics it keeps in memory."""
+
+    def __init__(self, store: Any) -> None:
+        self.store = store
+        self.registry = CollectorRegistry()
+        self.received = Counter("triage_instances_received", "C-STOREs answered 0x0000, by "
+                                "outcome (stored, duplicate, replaced, moved)", ["outcome"],
+                                registry=self.registry)
+        self.refused = Counter("triage_instances_refused", "C-STOREs refused, by status",
+                               ["status"], registry=self.registry)
+        self.latency = Histogram("triage_scoring_latency_seconds", "Seconds from a study's "
+                                 "completion to its recorded result", buckets=LATENCY_BUCKETS,
+                                 registry=self.registry)
+        self.registry.register(_StoreCollector(store))
+
+    def observe_result(self, result_id: int) -> None:
+        """Observe the latency of a recorded result (its study's completion to its row)."""
+        with self.store.read() as s:
+            row = s.execute(select(Result.created_at, Study.completed_at)
+                            .join(Study, Study.id == Result.study_id)
+                            .where(Result.id == result_id)).first()
+        if row is not None and row[1] is not None:
+            self.latency.observe(max(0.0, row[0] - row[1]))
+
+    def text(self) -> bytes:
+        """The Prometheus text exposition of every metric."""
+        return generate_latest(self.registry)
+
+
+class CountingRecorder:
+    """The SCP's recorder: the store, counting what it records for /metrics."""
+
+    def __init__(self, store: Any, metrics: Metrics) -> None:
+        self.store, self.metrics = store, metrics
+
+    def record_instance(self, inst: ReceivedInstance) -> str:
+        """Record through the store and count the outcome."""
+        outcome = str(self.store.record_instance(inst))
+        self.metrics.received.labels(outcome).inc()
+        return outcome
+
+    def record_rejection(self, calling_ae: str, sop_class_uid: str | None,
+                         sop_uid: str | None, refusal: Refusal) -> None:
+        """Count the refusal by status, then record it through the store."""
+        self.metrics.refused.labels(f"0x{refusal.status:04X}").inc()
+        self.store.record_rejection(calling_ae, sop_class_uid, sop_uid, refusal)
+
+
+def health(checks: dict[str, Callable[[], bool]]) -> tuple[bool, dict[str, Any]]:
+    """Run each liveness check; return (all alive, JSON-ready detail)."""
+    detail: dict[str, Any] = {}
+    for name, check in checks.items():
+        try:
+            detail[name] = bool(check())
+        except Exception:  # a check that fails says "not alive", never a 500
+            detail[name] = False
+    ok = all(detail.values())
+    return ok, {"status": "ok" if ok else "unhealthy", "checked_at": time.time(), **detail}
