@@ -208,7 +208,24 @@ def test_outbox_log_lines_carry_no_uids_or_patient_data(
         caplog: pytest.LogCaptureFixture) -> None:
     import logging
 
-    caplog.set_level(logging.DEBUG, logger="triage")
+    from triage.cli.common import setup_logging
+
+    # As `triage serve` with logging.level = "DEBUG" configures it: every logger at DEBUG
+    # except the libraries setup_logging keeps quiet.
+    root = logging.getLogger()
+    before = {n: logging.getLogger(n).level for n in ("", "highdicom")}
+    setup_logging("DEBUG")
+    caplog.set_level(logging.DEBUG)
+    try:
+        _no_identifiers_in_logs(daemon_factory, storescp, caplog)
+    finally:
+        for name, level in before.items():
+            logging.getLogger(name).setLevel(level)
+        root.setLevel(before[""])
+
+
+def _no_identifiers_in_logs(daemon_factory: Callable[..., Daemon], storescp: StoreScp,
+                            caplog: pytest.LogCaptureFixture) -> None:
     d = daemon_factory(**destination(storescp.port))
     ds = synth.make_dataset(SPEC)
     assert send(d.dicom_port, [ds]) == [0]

@@ -43,6 +43,9 @@ def setup_logging(level: str = "INFO") -> None:
     # turn (the next turn does the work); a job that fails is still logged.
     logging.getLogger("apscheduler").setLevel(logging.WARNING)
     logging.getLogger("apscheduler.scheduler").setLevel(logging.ERROR)
+    # highdicom logs each source dataset's UIDs at DEBUG while it builds an SR or an
+    # overlay; identifiers never go to triage's log, whatever logging.level says.
+    logging.getLogger("highdicom").setLevel(logging.WARNING)
 
 
 def quiet_decoders() -> None:
