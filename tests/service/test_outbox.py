@@ -18,6 +18,7 @@ from sqlalchemy import select
 
 from dicom_io.scu import SendError, outgoing, send_files, tls_client
 from tests import synth
+from tests.certs import make_certs
 from tests.conftest import model_for_tests, send, storescu, wait_for
 from tests.dicom_tools import dciodvfy
 from tests.peers import StoreScp
@@ -240,7 +241,7 @@ def _no_identifiers_in_logs(daemon_factory: Callable[..., Daemon], storescp: Sto
 
 def test_tls_destination(daemon_factory: Callable[..., Daemon], tmp_path: Path) -> None:
     """DICOM over TLS to storescp +tls, with a CA made for the test; a wrong CA is refused."""
-    certs = _make_certs(tmp_path / "pki")
+    certs = make_certs(tmp_path / "pki")
     peer = StoreScp(tmp_path / "tls", extra=("+tls", str(certs["server.key"]),
                                                str(certs["server.pem"]), "-vc")).start()
     try:
@@ -250,7 +251,7 @@ def test_tls_destination(daemon_factory: Callable[..., Daemon], tmp_path: Path) 
         wait_for(lambda: all_sent(d, 1), timeout=60)
         assert sum(peer.received().values()) == 1
         # the same peer, checked against a CA that did not sign its certificate: refused
-        other = _make_certs(tmp_path / "other")
+        other = make_certs(tmp_path / "other")
         [(_, obj)] = deliveries(d)
         wrong = tls_client("localhost", str(other["ca.pem"]))
         with pytest.raises(SendError):
@@ -259,25 +260,4 @@ def test_tls_destination(daemon_factory: Callable[..., Daemon], tmp_path: Path) 
         assert sum(peer.received().values()) == 1
     finally:
         peer.stop()
-
-
-def _make_certs(root: Path) -> dict[str, Path]:
-    """A throw-away CA and a server certificate for localhost (openssl CLI)."""
-    root.mkdir(parents=True)
-    p = {n: root / n for n in ("ca.key", "ca.pem", "server.key", "server.csr", "server.pem",
-                               "ext.cnf")}
-    p["ext.cnf"].write_text("subjectAltName=DNS:localhost,IP:127.0.0.1\n")
-
-    def ssl(*args: str) -> None:
-        r = subprocess.run(["openssl", *args], capture_output=True, text=True, timeout=60)
-        assert r.returncode == 0, r.stderr
-
-    ssl("req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "2", "-subj", "/CN=test CA",
-        "-keyout", str(p["ca.key"]), "-out", str(p["ca.pem"]))
-    ssl("req", "-newkey", "rsa:2048", "-nodes", "-subj", "/CN=localhost",
-        "-keyout", str(p["server.key"]), "-out", str(p["server.csr"]))
-    ssl("x509", "-req", "-in", str(p["server.csr"]), "-CA", str(p["ca.pem"]), "-CAkey",
-        str(p["ca.key"]), "-CAcreateserial", "-days", "2", "-extfile", str(p["ext.cnf"]),
-        "-out", str(p["server.pem"]))
-    return p
 
