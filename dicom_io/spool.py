@@ -19,7 +19,7 @@ import logging
 import os
 import shutil
 import uuid
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -122,18 +122,8 @@ class Spool:
             return SpoolEntry(final, rel, digest, size, existed=True)
         tmp = self.tmp / f"{uuid.uuid4().hex}.part"
         try:
-            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-            try:
-                with open(source, "rb") as fh:
-                    while block := fh.read(chunk):
-                        view = memoryview(block)
-                        while view:
-                            n = os.write(fd, view)
-                            view = view[n:]
-                if self.fsync:
-                    os.fsync(fd)
-            finally:
-                os.close(fd)
+            with open(source, "rb") as fh:
+                self._write_tmp(tmp, iter(lambda: fh.read(chunk), b""))
             self._ensure_dir(final.parent)
             os.replace(tmp, final)
             if self.fsync:
@@ -144,13 +134,15 @@ class Spool:
             raise SpoolError(f"spool write failed: {e.strerror or e}", out_of_space=full) from e
         return SpoolEntry(final, rel, digest, size, existed=False)
 
-    def _write_tmp(self, tmp: Path, data: bytes) -> None:
+    def _write_tmp(self, tmp: Path, data: bytes | Iterable[bytes]) -> None:
+        """Write ``data`` (bytes, or blocks of them) to a new file ``tmp``, fsynced if set."""
         fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)  # the daemon's user only
         try:
-            view = memoryview(data)
-            while view:
-                n = os.write(fd, view)
-                view = view[n:]
+            for block in ((data,) if isinstance(data, bytes) else data):
+                view = memoryview(block)
+                while view:
+                    n = os.write(fd, view)
+                    view = view[n:]
             if self.fsync:
                 os.fsync(fd)
         finally:

@@ -71,6 +71,26 @@ def wait_for(pred: Callable[[], Any], timeout: float = 20.0, interval: float = 0
         time.sleep(interval)
 
 
+def send_and_wait_scored(d: Any, timeout: float) -> str:
+    """Send one small synthetic study to daemon ``d`` and wait until it is scored; return its UID."""
+    from pydicom.uid import generate_uid
+    from sqlalchemy import select
+
+    from tests import synth
+    from triage.store import schema as db
+
+    uid = generate_uid()
+    assert send(d.dicom_port, [synth.make_dataset(synth.SynthSpec(rows=96, columns=96),
+                                                  study_uid=uid)]) == [0]
+
+    def scored() -> bool:
+        with d.store.read() as s:
+            return s.scalar(select(db.Study.state).where(db.Study.study_uid == uid)) == db.SCORED
+
+    wait_for(scored, timeout=timeout)
+    return str(uid)
+
+
 def model_for_tests() -> Path:
     """The tiny model trained once per session (tests never depend on the shipped weights)."""
     from .model_fixtures import tiny_model

@@ -34,15 +34,12 @@ from pydicom.uid import (
     generate_uid,
 )
 from pynetdicom import _config
-from sqlalchemy import select
 
 from dicom_io import store_status as status
 from tests import synth
-from tests.conftest import scu, send, wait_for
+from tests.conftest import scu, send_and_wait_scored
 from tests.dicom_bytes import dataset_body
 from triage.service.daemon import Daemon
-from triage.store import schema as db
-from triage.store.schema import Study
 
 FUZZ_QUICK = 300
 pytestmark = pytest.mark.filterwarnings("ignore::UserWarning")  # pydicom on invalid UIDs
@@ -231,15 +228,7 @@ def run_fuzz(d: Daemon, tmp_path: Path, examples: int) -> Counter[Any]:
 
 
 def _clean_study_is_scored(d: Daemon) -> None:
-    uid = generate_uid()
-    assert send(d.dicom_port, [synth.make_dataset(synth.SynthSpec(rows=96, columns=96),
-                                                  study_uid=uid)]) == [0]
-
-    def scored() -> bool:
-        with d.store.read() as s:
-            return s.scalar(select(Study.state).where(Study.study_uid == uid)) == db.SCORED
-
-    wait_for(scored, timeout=300)
+    send_and_wait_scored(d, timeout=300)
 
 
 def _check(d: Daemon, outcomes: Counter[Any], examples: int) -> None:

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import free_port, make_config, serve_config
+from tests.conftest import free_port, make_config, send_and_wait_scored, serve_config
 from triage.core.errors import TriageError
 from triage.service.daemon import build_daemon
 
@@ -67,25 +67,10 @@ def test_data_directory_is_0700_and_every_file_in_it_is_the_daemons_users_only(
         daemon_factory, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
     import stat
 
-    from pydicom.uid import generate_uid
-    from sqlalchemy import select
-
-    from tests import synth
-    from tests.conftest import send, wait_for
-    from triage.store import schema as db
-    from triage.store.schema import Study
 
     data = tmp_path / "var"
     d = daemon_factory(data)
-    uid = generate_uid()
-    assert send(d.dicom_port, [synth.make_dataset(synth.SynthSpec(rows=96, columns=96),
-                                                  study_uid=uid)]) == [0]
-
-    def scored() -> bool:
-        with d.store.read() as s:
-            return s.scalar(select(Study.state).where(Study.study_uid == uid)) == db.SCORED
-
-    wait_for(scored, timeout=60)
+    send_and_wait_scored(d, timeout=60)
     d.pages.render_worklist()
     assert stat.S_IMODE(data.stat().st_mode) == 0o700
     files = [p for p in data.rglob("*") if p.is_file()]
