@@ -217,10 +217,17 @@ def run(checkpoint: str | Path, samples: Sequence[Any], split: str, cfg: Calibra
     """
     logits, labels, meta = split_logits(checkpoint, samples, split, tta)
     cal = calibrate_logits(logits, labels, float(meta.get("prior_shift", 0.0)), cfg)
+    chosen = [s for s in samples if s.split == split]
+    probs = metrics.sigmoid((np.asarray(logits, dtype=np.float64) - cal.prior_shift)
+                            / cal.temperature)
     report = {"checkpoint": str(checkpoint), "split": split, "config": asdict(cfg), "tta": tta,
               **cal.to_dict(),
               "auc_ci_bootstrap": list(metrics.bootstrap_auc(labels, logits, bootstrap, 0,
-                                                             cfg.confidence))}
+                                                             cfg.confidence)),
+              # Per-image calibrated probabilities, so that recipes can be compared
+              # image by image (paired bootstrap) without scoring again.
+              "scores": [{"path": str(s.path), "label": int(y), "probability": float(p)}
+                         for s, y, p in zip(chosen, labels, probs, strict=True)]}
     if check_robustness:
         report["robustness_auc"] = robustness(checkpoint, samples, split, tta)
     write_atomic(out_json, json.dumps(report, indent=2, allow_nan=False), mode=0o644)
