@@ -351,6 +351,8 @@ class OperatingPointConfig:
     name: str = "abnormal"
     metric: str = "sensitivity"
     target: float = 0.95
+    # None: follow calibration.conservative; true/false: this point's own choice.
+    conservative: bool | None = None
 
     def __post_init__(self) -> None:
         _check(self.name.isidentifier() and self.name not in ("routine", "unscored"),

@@ -368,8 +368,21 @@ def test_replay_of_the_val_split_reproduces_the_model_card(tmp_path: Path) -> No
     if not cfg.model.onnx_path.exists() or not cfg.model.card_path.exists():
         pytest.skip(f"shipped model {cfg.model.onnx_path} or its card is not there yet")
     card = json.loads(cfg.model.card_path.read_text())
+    manifest = data / "manifest.csv"
+    if card.get("split"):
+        # A patient-level split is not in the shared data: made again from its recorded seed
+        # and fractions, it must be the very file the model was trained and validated on.
+        from triage.training.splits import write_split
+        from triage.training.train import file_sha256
+
+        rec = card["split"]
+        assert file_sha256(manifest) == rec["manifest_sha256"]
+        manifest = tmp_path / "patient-split.csv"
+        write_split(data / "manifest.csv", manifest, rec["seed"], rec["fractions"]["val"],
+                    rec["fractions"]["holdout"])
+        assert file_sha256(manifest) == rec["split_manifest_sha256"]
     arch = tmp_path / "val"
-    labels = build(BuildOptions(data, data / "manifest.csv", arch, split="val", matrix=448,
+    labels = build(BuildOptions(data, manifest, arch, split="val", matrix=448,
                                 seed=0, workers=2))
     model = OnnxModel.load_files(cfg.model.onnx_path, cfg.model.card_path)
     report = run(Options(arch, labels, tmp_path / "out", workers=2, progress=False), cfg, model, card)

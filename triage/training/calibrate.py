@@ -62,13 +62,14 @@ def operating_points(labels: np.ndarray, probs: np.ndarray,
     """Return each configured operating point's threshold and sensitivity/specificity with CIs."""
     out = []
     for op in points:
-        t = metrics.select_threshold(labels, probs, op.metric, op.target, conservative, confidence)
+        strict = conservative if op.conservative is None else op.conservative
+        t = metrics.select_threshold(labels, probs, op.metric, op.target, strict, confidence)
         thr = _finite_threshold(t)
         sens, spec = metrics.sens_spec(labels, probs, thr if thr is not None else math.inf,
                                        confidence)
         if thr is None:
             log.warning("operating point %s: target %.3f cannot be met", op.name, op.target)
-        out.append(OperatingPoint(op.name, op.metric, op.target, conservative, thr, sens, spec))
+        out.append(OperatingPoint(op.name, op.metric, op.target, strict, thr, sens, spec))
     return out
 
 

@@ -163,6 +163,10 @@ TRAINING_METADATA = {
     "bits_stored": [str(b) for b in range(8, 17)],
 }
 
+# Whom the Kermany et al. radiographs show; the input guard refuses ages outside it.
+POPULATION = {"label": "children", "age_years": [0.0, 17.0],
+              "trained_on": "patients aged about 1 to 5"}
+
 INTENDED_USE = (
     "A triage aid that reorders a reading worklist of frontal (PA/AP) chest radiographs by the "
     "estimated probability of an abnormal study. It is not a diagnostic device: every study is "
@@ -175,7 +179,9 @@ LIMITATIONS = [
     ("Training images were 8-bit JPEGs squashed to 224x224; full-bit-depth DICOM is windowed and "
      "squashed the same way, but domain shift from the source DICOM pipeline is likely."),
     ("Validation figures come from the val split used for early stopping and calibration, so they "
-     "are optimistic; independent test performance is expected to be lower."),
+     "are optimistic; independent test performance is expected to be lower. With a patient-level "
+     "split (the card's 'split'), no patient of val is in train; its hold-out part was never used "
+     "to choose anything and gives the fairer figure (docs/model.md)."),
     ("Lateral and other non-frontal views, For Processing images, colour images, modalities "
      "other than CR/DX/SC, body parts other than the chest and images smaller than the gating "
      "minimum are not scored."),
@@ -220,6 +226,7 @@ def build_card(meta: dict[str, Any], cal: dict[str, Any], shipped: dict[str, Any
         "reference_scores_neg": shipped.get("score_distribution_neg"),
         "reference_prevalence": shipped["validation"]["n_pos"] / max(1, shipped["validation"]["n"]),
         "training_metadata": TRAINING_METADATA,
+        "population": POPULATION,
         "variants": variants,
         "software": software_versions(),
         "intended_use": INTENDED_USE,
