@@ -39,7 +39,8 @@ def _replay(args: argparse.Namespace) -> int:
     model = None
     if args.via:
         host, port = parse_hostport(args.via)
-        via = Via(host, port, cfg.storage.db_path, args.calling_ae, args.called_ae, args.timeout)
+        db = cfg.database_url if cfg.database.shared else cfg.storage.db_path
+        via = Via(host, port, db, args.calling_ae, args.called_ae, args.timeout)
         card = _load_card(card_path)
     else:
         from triage.inference.model import OnnxModel

@@ -37,7 +37,7 @@ class Via:
 
     host: str
     port: int
-    db_path: Path
+    db_path: Path | str  # the SQLite file, or a shared database's URL
     calling_ae: str = "TRIAGE_SCU"
     called_ae: str = "TRIAGE"
     timeout_s: float = 600.0  # most seconds without any new result before giving up

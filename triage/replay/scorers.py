@@ -5,7 +5,7 @@
   inference (:func:`triage.inference.scoring.infer`) and the same study rule
   (:func:`triage.core.tiers.study_outcome`), so its probabilities are the daemon's.
 - :class:`ViaScorer` sends each study over C-STORE to a running daemon and
-  reads the daemon's results back from its SQLite database (read-only).
+  reads the daemon's results back from its database (SQLite read-only, or the shared one).
 """
 
 from __future__ import annotations
@@ -94,7 +94,7 @@ class InProcessScorer:
 class ViaScorer:
     """Sends studies to a running daemon and reads its results from the daemon's database."""
 
-    def __init__(self, host: str, port: int, db_path: Path, calling_ae: str, called_ae: str,
+    def __init__(self, host: str, port: int, db_path: Path | str, calling_ae: str, called_ae: str,
                  timeout_s: float = 60.0) -> None:
         self.host, self.port, self.db_path = host, port, db_path
         self.calling_ae, self.called_ae, self.timeout_s = calling_ae, called_ae, timeout_s
@@ -126,6 +126,11 @@ class ViaScorer:
         if self._engine is None:
             from sqlalchemy import create_engine
 
+            if isinstance(self.db_path, str):  # a shared database's URL (database.url)
+                from triage.store.database import make_engine
+
+                self._engine = make_engine(self.db_path)
+                return self._engine
             if not self.db_path.exists():
                 raise FileNotFoundError(self.db_path)
             self._engine = create_engine(f"sqlite:///file:{self.db_path}?mode=ro&uri=true",
