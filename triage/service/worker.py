@@ -169,6 +169,11 @@ class ScoringWorker:
         except Exception:  # they run out by themselves
             log.exception("could not release study claims")
 
+    def _settled(self, study_id: int) -> None:
+        """The study's claim is being cleared with its result or failure: stop renewing it."""
+        with self._held_lock:
+            self._held.discard(study_id)
+
     def _renew_claims(self) -> None:
         """Renew the claims in hand every third of their lease, until stopped."""
         lease = self.cfg.worker.claim_lease_s
@@ -218,6 +223,7 @@ class ScoringWorker:
             if not self._ours(study):
                 return
             study.claimed_by = study.claimed_until = None
+            self._settled(study_id)
             study.attempts += 1
             study.failure = failure_words(e)
             if study.attempts >= w.max_attempts:
@@ -359,6 +365,7 @@ class ScoringWorker:
             study.state = state
             study.attempts, study.retry_at, study.failure = 0, None, None
             study.claimed_by = study.claimed_until = None
+            self._settled(study_id)
             s.flush()
             rid = res.id
         self._log(study_id, version, state, p, tier, change, reasons)

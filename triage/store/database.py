@@ -82,8 +82,10 @@ def insert_missing(session: Session, table: Any, **values: Any) -> bool:
         from sqlalchemy.dialects.postgresql import insert
     else:
         from sqlalchemy.dialects.sqlite import insert  # type: ignore[assignment]
-    result = session.execute(insert(table).values(**values).on_conflict_do_nothing())
-    return bool(getattr(result, "rowcount", 0))
+    t = table.__table__
+    # RETURNING, not rowcount: a row comes back only when this statement inserted it.
+    stmt = insert(t).values(**values).on_conflict_do_nothing().returning(*t.primary_key.columns)
+    return session.execute(stmt).first() is not None
 
 
 def db_now(session: Session) -> float:
