@@ -81,12 +81,19 @@ class InProcessScorer:
         if self.guard is not None:
             self.guard.judge(prepared)
         scores = infer(self.model, prepared, self.batch_size)
-        out, k = [], 0
-        for s in studies:
-            mine = prepared[k:k + len(s.instances)]
-            k += len(s.instances)
-            out.append(make_record(s, mine, scores, self.thresholds, self.model_sha))
-        return out
+        return records_of(studies, prepared, scores, self.thresholds, self.model_sha)
+
+
+def records_of(studies: Sequence[ArchiveStudy], prepared: Sequence[Prepared],
+               scores: Mapping[int, ImageScore], thresholds: dict[str, float | None],
+               model_sha: str) -> list[StudyRecord]:
+    """Return one record per study from the prepared images of all of them, in order (pure)."""
+    out, k = [], 0
+    for s in studies:
+        mine = prepared[k:k + len(s.instances)]
+        k += len(s.instances)
+        out.append(make_record(s, mine, scores, thresholds, model_sha))
+    return out
 
 
 # --- through a running daemon -----------------------------------------------------
