@@ -17,7 +17,8 @@ $(STAMP): pyproject.toml
 setup: $(STAMP)
 
 # Debian packages the tests use as real peers: DCMTK (storescu, echoscu,
-# storescp, dsrdump), headless Chromium, dicom3tools (dciodvfy), Orthanc and openssl.
+# storescp, dsrdump), headless Chromium, dicom3tools (dciodvfy), Orthanc, openssl,
+# strace and PostgreSQL (initdb/pg_ctl: the tests start their own server).
 system-deps:
 	@bash scripts/system-deps.sh
 

@@ -9,6 +9,10 @@ Layout under the spool root (no header value ever reaches a path; only digests d
 The content digest in the name makes a byte-identical resend land on the same
 path (idempotent) and a changed resend land beside the old version, which is
 kept: acknowledged data is never deleted.
+
+The layout is safe for a spool that several daemons share (e.g. over NFS):
+temp names are random, every durable file appears by one atomic rename, and
+two daemons receiving the same bytes write the same path with the same content.
 """
 
 from __future__ import annotations
@@ -18,6 +22,7 @@ import hashlib
 import logging
 import os
 import shutil
+import time
 import uuid
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
@@ -163,10 +168,20 @@ class Spool:
             for c in reversed(created):
                 _fsync_dir(c.parent)
 
-    def cleanup_temp(self) -> int:
-        """Delete leftover temp files (never acknowledged); return how many."""
+    def cleanup_temp(self, older_than_s: float = 0.0) -> int:
+        """Delete leftover temp files (never acknowledged); return how many.
+
+        ``older_than_s`` spares files written to within that many seconds: on a
+        spool shared by several daemons, another daemon may be writing one now.
+        """
         n = 0
+        cutoff = time.time() - older_than_s
         for f in self.tmp.glob("*.part"):
+            try:
+                if older_than_s and f.stat().st_mtime > cutoff:
+                    continue
+            except FileNotFoundError:
+                continue  # its writer renamed or removed it meanwhile
             f.unlink(missing_ok=True)
             n += 1
         if n:

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from alembic import context
-from sqlalchemy import create_engine
+from sqlalchemy import create_engine, text
 
 config = context.config
 
@@ -14,6 +14,10 @@ def run_migrations_online() -> None:
         config.get_main_option("sqlalchemy.url")
     )
     with engine.begin() as connection:
+        if connection.dialect.name == "postgresql":
+            # Daemons starting together migrate one after the other (DDL is transactional
+            # there, so the second finds the database at head and does nothing).
+            connection.execute(text("SELECT pg_advisory_xact_lock(7170017)"))
         # render_as_batch lets later revisions alter SQLite tables safely.
         context.configure(connection=connection, render_as_batch=True)
         with context.begin_transaction():

@@ -2,8 +2,9 @@
 # Install the Debian packages the tests need, only when they are missing:
 # DCMTK (storescu, echoscu, storescp, dsrdump), headless Chromium, dicom3tools
 # (dciodvfy), Orthanc (the PACS the results tests send to) and openssl (the
-# TLS test's throw-away CA) and strace (the test that records the system calls
-# of one C-STORE).
+# TLS test's throw-away CA), strace (the test that records the system calls
+# of one C-STORE) and PostgreSQL (the tests run initdb and pg_ctl in a temp dir;
+# Debian keeps them off PATH, under /usr/lib/postgresql/VERSION/bin).
 set -euo pipefail
 need=()
 command -v storescu >/dev/null 2>&1 && command -v dsrdump >/dev/null 2>&1 || need+=(dcmtk)
@@ -12,6 +13,8 @@ command -v dciodvfy >/dev/null 2>&1 || need+=(dicom3tools)
 command -v Orthanc >/dev/null 2>&1 || [ -x /usr/sbin/Orthanc ] || need+=(orthanc)
 command -v openssl >/dev/null 2>&1 || need+=(openssl)
 command -v strace >/dev/null 2>&1 || need+=(strace)
+command -v initdb >/dev/null 2>&1 || compgen -G '/usr/lib/postgresql/*/bin/initdb' >/dev/null \
+  || need+=(postgresql)
 if [ ${#need[@]} -eq 0 ]; then
   exit 0
 fi
@@ -24,4 +27,8 @@ $SUDO apt-get update -qq
 DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq --no-install-recommends "${need[@]}" >/dev/null
 if printf '%s\n' "${need[@]}" | grep -qx orthanc; then
   $SUDO service orthanc stop >/dev/null 2>&1 || true
+fi
+# Likewise the postgresql package's own cluster: the tests start theirs on free ports.
+if printf '%s\n' "${need[@]}" | grep -qx postgresql; then
+  $SUDO service postgresql stop >/dev/null 2>&1 || true
 fi

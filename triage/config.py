@@ -186,6 +186,26 @@ class StorageConfig:
 
 
 @dataclass(frozen=True)
+class DatabaseConfig:
+    """Which database holds the record, and the leases that let several daemons share it."""
+
+    url: str = ""
+    leader_lease_s: float = 15.0
+
+    def __post_init__(self) -> None:
+        scheme = self.url.partition("://")[0].partition("+")[0]
+        _check(not self.url or (bool(scheme) and "://" in self.url
+                                and scheme in ("sqlite", "postgresql", "postgres")),
+               "database.url", "must be empty, a sqlite:/// URL or a postgresql:// URL")
+        _check(self.leader_lease_s >= 1, "database.leader_lease_s", "must be >= 1")
+
+    @property
+    def shared(self) -> bool:
+        """Whether several daemons may share this database (PostgreSQL)."""
+        return self.url.startswith(("postgresql", "postgres"))
+
+
+@dataclass(frozen=True)
 class StudiesConfig:
     """Grouping instances into studies."""
 
@@ -396,8 +416,10 @@ class WorkerConfig:
     decode_timeout_s: float = 120.0
     max_attempts: int = 3
     retry_backoff_s: float = 30.0
+    claim_lease_s: float = 60.0
 
     def __post_init__(self) -> None:
+        _check(self.claim_lease_s >= 1, "worker.claim_lease_s", "must be >= 1")
         _check(1 <= self.processes <= 64, "worker.processes", "must be 1..64")
         _check(self.decode_timeout_s > 0, "worker.decode_timeout_s", "must be > 0")
         _check(1 <= self.max_attempts <= 100, "worker.max_attempts", "must be 1..100")
@@ -616,6 +638,7 @@ class Config:
     dicom: DicomConfig = field(default_factory=DicomConfig)
     web: WebConfig = field(default_factory=WebConfig)
     storage: StorageConfig = field(default_factory=StorageConfig)
+    database: DatabaseConfig = field(default_factory=DatabaseConfig)
     studies: StudiesConfig = field(default_factory=StudiesConfig)
     logging: LoggingConfig = field(default_factory=LoggingConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
@@ -628,6 +651,12 @@ class Config:
     replay: ReplayConfig = field(default_factory=ReplayConfig)
     results: ResultsConfig = field(default_factory=ResultsConfig)
     guard: GuardConfig = field(default_factory=GuardConfig)
+
+    @property
+    def database_url(self) -> str:
+        """The database's SQLAlchemy URL: ``database.url``, or the SQLite file in the data
+        directory when it is empty."""
+        return self.database.url or f"sqlite:///{self.storage.db_path}"
 
 
 def _suggest(key: str, known: typing.Iterable[str]) -> str:

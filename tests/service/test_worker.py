@@ -187,3 +187,27 @@ def test_status_command_reports_counts_backlog_and_model(daemon: Daemon) -> None
     out = json.loads(r.stdout)
     assert out["studies"]["scored"] == 1 and out["backlog"] == 0
     assert out["model"]["sha256"] and out["last_drift_check"] is None
+
+
+def test_daemon_on_postgresql_scores_a_late_instance_as_a_second_version(
+        daemon_factory, pg_url: str, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    d = daemon_factory(**{"database.url": pg_url})
+    assert d.lock is None and d.leader is not None and d.is_leader()
+    study_uid = generate_uid()
+    assert send(d.dicom_port, [synth.make_dataset(SPEC, study_uid=study_uid)]) == [0]
+    wait_for(lambda: _results(d, study_uid), timeout=60)
+    assert send(d.dicom_port, [synth.make_dataset(
+        synth.SynthSpec(rows=160, columns=160, seed=7), study_uid=study_uid)]) == [0]
+    first, second = wait_for(lambda: (r := _results(d, study_uid)) and len(r) == 2 and r, timeout=60)
+    assert (first.version, second.version) == (1, 2) and len(_images(d, second.id)) == 2
+    with d.store.read() as s:
+        study = s.scalar(select(Study).where(Study.study_uid == study_uid))
+        assert (study.state, study.claimed_by, study.n_instances) == (db.SCORED, None, 2)
+    cfg = tmp_path / "status.toml"
+    cfg.write_text(f'[storage]\ndata_dir = "{d.cfg.storage.root}"\n[database]\nurl = "{pg_url}"\n'
+                   f'[model]\npath = "{model_for_tests()}"\n')
+    r = subprocess.run([sys.executable, "-m", "triage", "status", "--config", str(cfg), "--json"],
+                       capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stderr
+    out = json.loads(r.stdout)
+    assert out["studies"]["scored"] == 1 and out["daemon"]["leader"] == d.worker.node

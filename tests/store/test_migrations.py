@@ -1,9 +1,11 @@
-"""Alembic migrations: rows survive an upgrade, and the ORM matches the migrated schema."""
+"""Alembic migrations, on SQLite and on a real PostgreSQL server: rows survive an upgrade, a
+downgrade and upgrade again, and the ORM matches the migrated schema."""
 
 from __future__ import annotations
 
 from pathlib import Path
 
+import pytest
 from alembic.autogenerate import compare_metadata
 from alembic.runtime.migration import MigrationContext
 from sqlalchemy import text
@@ -11,9 +13,19 @@ from sqlalchemy import text
 from triage.store import database as dbm
 from triage.store import schema as db
 
+HEAD = "0012"
 
-def test_upgrade_from_first_revision_keeps_rows(tmp_path: Path) -> None:
-    engine = dbm.make_engine(tmp_path / "old.sqlite")
+
+@pytest.fixture(params=["sqlite", "postgresql"])
+def target(request: pytest.FixtureRequest, tmp_path: Path) -> Path | str:
+    """A new, empty database: a SQLite file, or a database on the session's PostgreSQL."""
+    if request.param == "sqlite":
+        return tmp_path / "t.sqlite"
+    return str(request.getfixturevalue("pg_url"))
+
+
+def test_upgrade_from_first_revision_keeps_rows(target: Path | str) -> None:
+    engine = dbm.make_engine(target)
     dbm.upgrade(engine, "0001")
     assert dbm.current_revision(engine) == "0001"
     with engine.begin() as c:
@@ -24,17 +36,17 @@ def test_upgrade_from_first_revision_keeps_rows(tmp_path: Path) -> None:
                        " VALUES (1, '1.2.3.4', '1.2.840.10008.5.1.4.1.1.1', '1.2.3.5',"
                        " '1.2.840.10008.1.2.1', 'aa/x.dcm', 'ff', 10, 1.5)"))
     engine.dispose()
-    engine = dbm.open_db(tmp_path / "old.sqlite")  # what `serve` does at start
+    engine = dbm.open_db(target)  # what `serve` does at start
     with engine.connect() as c:
-        assert dbm.current_revision(engine) == "0011"
+        assert dbm.current_revision(engine) == HEAD
         assert c.execute(text("SELECT study_uid, state, version, reported_at FROM studies")).all() == [
             ("1.2.3", "complete", 1, None)]
         assert c.execute(text("SELECT relpath FROM instances")).all() == [("aa/x.dcm",)]
         assert c.execute(text("SELECT count(*) FROM rejections")).scalar() == 0
 
 
-def test_orm_matches_migrated_schema(tmp_path: Path) -> None:
-    engine = dbm.open_db(tmp_path / "head.sqlite")
+def test_orm_matches_migrated_schema(target: Path | str) -> None:
+    engine = dbm.open_db(target)
     with engine.connect() as c:
         diff = compare_metadata(MigrationContext.configure(c), db.Base.metadata)
     assert diff == []
@@ -46,8 +58,9 @@ def test_database_runs_in_wal_mode(tmp_path: Path) -> None:
         assert c.execute(text("PRAGMA journal_mode")).scalar() == "wal"
 
 
-def test_outbox_revision_keeps_results_and_names_their_threshold_source(tmp_path: Path) -> None:
-    engine = dbm.make_engine(tmp_path / "r.sqlite")
+def test_outbox_revision_keeps_results_and_names_their_threshold_source(
+        target: Path | str) -> None:
+    engine = dbm.make_engine(target)
     dbm.upgrade(engine, "0006")
     with engine.begin() as c:
         c.execute(text("INSERT INTO studies (study_uid, state, version, n_instances,"
@@ -64,4 +77,30 @@ def test_outbox_revision_keeps_results_and_names_their_threshold_source(tmp_path
     with engine.connect() as c:
         assert c.execute(text("SELECT tier FROM results")).all() == [("routine",)]
     dbm.upgrade(engine)
-    assert dbm.current_revision(engine) == "0011"
+    assert dbm.current_revision(engine) == HEAD
+
+
+def test_every_revision_downgrades_to_the_first_and_upgrades_again(target: Path | str) -> None:
+    engine = dbm.open_db(target)
+    with engine.begin() as c:
+        c.execute(text("INSERT INTO studies (study_uid, state, version, n_instances, attempts,"
+                       " first_received_at, last_received_at) VALUES ('1.2.9', 'scored', 2, 0, 0,"
+                       " 1, 2)"))
+    dbm.downgrade(engine, "0001")
+    dbm.upgrade(engine)
+    assert dbm.current_revision(engine) == HEAD
+    with engine.connect() as c:
+        assert c.execute(text("SELECT study_uid, version FROM studies")).all() == [("1.2.9", 2)]
+
+
+def test_daemons_starting_together_migrate_once(pg_url: str) -> None:
+    # Processes, as daemons are (Alembic's context is per process, not per thread).
+    import subprocess
+    import sys
+
+    code = "import sys; from triage.store.database import open_db; open_db(sys.argv[1])"
+    procs = [subprocess.Popen([sys.executable, "-c", code, pg_url], stderr=subprocess.PIPE,
+                              text=True) for _ in range(3)]
+    errors = [p.communicate(timeout=120)[1] for p in procs if p.wait(120) != 0]
+    assert errors == []
+    assert dbm.current_revision(dbm.make_engine(pg_url)) == HEAD

@@ -18,10 +18,10 @@ def _store(args: argparse.Namespace) -> Store:
     from triage.store.repository import Store
 
     cfg = load_config(args)
-    if not cfg.storage.db_path.exists():
+    if not cfg.database.shared and not cfg.storage.db_path.exists():
         raise TriageError(f"no database at {cfg.storage.db_path}: has `triage serve` run with "
                           "this data directory?")
-    return Store(make_engine(cfg.storage.db_path))
+    return Store(make_engine(cfg.database_url))
 
 
 def _list(args: argparse.Namespace) -> int:

@@ -39,7 +39,8 @@ def _replay(args: argparse.Namespace) -> int:
     model = None
     if args.via:
         host, port = parse_hostport(args.via)
-        via = Via(host, port, cfg.storage.db_path, args.calling_ae, args.called_ae, args.timeout)
+        db = cfg.database_url if cfg.database.shared else cfg.storage.db_path
+        via = Via(host, port, db, args.calling_ae, args.called_ae, args.timeout)
         card = _load_card(card_path)
     else:
         from triage.inference.model import OnnxModel
@@ -52,8 +53,13 @@ def _replay(args: argparse.Namespace) -> int:
 
         sha = str((card or {}).get("sha256", "")) or None
         profile = read_profile(args.site_profile, sha)
+    if args.scheduler and args.engine != "dask":
+        raise InputError("--scheduler needs --engine dask")
+    if args.via and args.engine != "in-process":
+        raise InputError("--via sends to a running daemon: it takes no --engine")
     opts = Options(Path(args.archive), Path(args.labels), Path(args.out), cfg.replay.workers,
-                   args.force, via, progress=not args.no_progress, site_profile=profile)
+                   args.force, via, progress=not args.no_progress, site_profile=profile,
+                   engine=args.engine, scheduler=args.scheduler)
     report = run(opts, cfg, model, card)
     log.info("replay: %d studies (%d in the metrics); AUC %s; wrote %s", report["studies"],
              report["n"], "-" if report["auc"] is None else f"{report['auc']:.4f}",
@@ -76,7 +82,16 @@ def _add_replay(sub: SubParsers) -> None:
     p.add_argument("--via", metavar="HOST:PORT",
                    help="send studies to this running daemon and read its results from the "
                         "database under --data-dir (its storage.data_dir)")
-    p.add_argument("--workers", type=int, metavar="N", help="decoder processes (override replay.workers)")
+    p.add_argument("--workers", type=int, metavar="N",
+                   help="decoder processes, or the LocalCluster's workers with --engine dask "
+                        "(override replay.workers)")
+    p.add_argument("--engine", choices=("in-process", "dask"), default="in-process",
+                   help="score here with a decoder pool (default), or on Dask distributed: "
+                        "the same results, chunk by chunk, resumable")
+    p.add_argument("--scheduler", metavar="ADDRESS",
+                   help="with --engine dask: a running scheduler (e.g. tcp://10.0.0.5:8786) "
+                        "whose workers see the archive and the model at the same paths; "
+                        "default: a LocalCluster on this machine")
     p.add_argument("--force", action="store_true", help="score every study again")
     p.add_argument("--model", metavar="ONNX", help="model file (default: model.path)")
     p.add_argument("--card", metavar="JSON", help="model card (default: the model's .json)")

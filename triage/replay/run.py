@@ -37,7 +37,7 @@ class Via:
 
     host: str
     port: int
-    db_path: Path
+    db_path: Path | str  # the SQLite file, or a shared database's URL
     calling_ae: str = "TRIAGE_SCU"
     called_ae: str = "TRIAGE"
     timeout_s: float = 600.0  # most seconds without any new result before giving up
@@ -56,6 +56,10 @@ class Options:
     via: Via | None = None
     progress: bool = True
     site_profile: SiteProfile | None = None
+    engine: str = "in-process"  # or "dask"
+    scheduler: str | None = None  # a Dask scheduler's address; None: a LocalCluster
+
+ENGINES = ("in-process", "dask")
 
 
 def parse_hostport(text: str) -> tuple[str, int]:
@@ -77,6 +81,14 @@ def _in_process(todo: Sequence[ArchiveStudy], model: Any, cfg: Any, workers: int
     with InProcessScorer(model, thresholds, workers, cfg.worker.batch_size, guard) as scorer:
         for i in range(0, len(todo), per_chunk):
             save(scorer.score(todo[i:i + per_chunk]))
+
+
+def _dask(todo: Sequence[ArchiveStudy], opts: Options, model: Any, cfg: Any,
+          save: Callable[[list[StudyRecord]], None]) -> None:
+    from triage.replay.distributed import model_spec, run_dask
+
+    thresholds = applied_thresholds(model.thresholds, opts.site_profile, cfg.worker.tier_overrides)
+    run_dask(todo, model_spec(model, cfg, thresholds), opts.workers, opts.scheduler, save)
 
 
 def _via(todo: Sequence[ArchiveStudy], via: Via, save: Callable[[list[StudyRecord]], None]) -> None:
@@ -136,6 +148,8 @@ def _score(todo: Sequence[ArchiveStudy], opts: Options, model: Any, cfg: Any,
             pass  # everything was scored by an earlier run: start no decoder or association
         elif opts.via is not None:
             _via(todo, opts.via, save)
+        elif opts.engine == "dask":
+            _dask(todo, opts, model, cfg, save)
         else:
             _in_process(todo, model, cfg, opts.workers, save, opts.site_profile)
     finally:
@@ -174,7 +188,7 @@ def _meta(opts: Options, card: Mapping[str, Any] | None, records: Sequence[Study
                         f"({card_sha[:12]}...): drift and card comparison may not apply")
     return {"triage_version": __version__, "archive": str(opts.archive),
             "archive_name": opts.archive.name, "labels": str(opts.labels),
-            "mode": f"via {opts.via.host}:{opts.via.port}" if opts.via else "in-process",
+            "mode": f"via {opts.via.host}:{opts.via.port}" if opts.via else opts.engine,
             "created": _dt.datetime.now(_dt.UTC).isoformat(timespec="seconds"),
             "model_name": str((card or {}).get("name", "unknown")),
             "model_sha256": card_sha or min(shas, default=""),
@@ -198,6 +212,8 @@ def run(opts: Options, cfg: Any, model: Any = None, card: Mapping[str, Any] | No
 
     if opts.via is None and model is None:
         raise InputError("in-process replay needs a model")
+    if opts.engine not in ENGINES:
+        raise InputError(f"unknown replay engine {opts.engine!r} (one of {', '.join(ENGINES)})")
     card = card if card is not None else getattr(model, "card", None)
     labels = read_labels(opts.labels)
     studies, skipped = scan_archive(opts.archive)

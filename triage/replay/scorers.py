@@ -5,7 +5,7 @@
   inference (:func:`triage.inference.scoring.infer`) and the same study rule
   (:func:`triage.core.tiers.study_outcome`), so its probabilities are the daemon's.
 - :class:`ViaScorer` sends each study over C-STORE to a running daemon and
-  reads the daemon's results back from its SQLite database (read-only).
+  reads the daemon's results back from its database (SQLite read-only, or the shared one).
 """
 
 from __future__ import annotations
@@ -81,12 +81,19 @@ class InProcessScorer:
         if self.guard is not None:
             self.guard.judge(prepared)
         scores = infer(self.model, prepared, self.batch_size)
-        out, k = [], 0
-        for s in studies:
-            mine = prepared[k:k + len(s.instances)]
-            k += len(s.instances)
-            out.append(make_record(s, mine, scores, self.thresholds, self.model_sha))
-        return out
+        return records_of(studies, prepared, scores, self.thresholds, self.model_sha)
+
+
+def records_of(studies: Sequence[ArchiveStudy], prepared: Sequence[Prepared],
+               scores: Mapping[int, ImageScore], thresholds: dict[str, float | None],
+               model_sha: str) -> list[StudyRecord]:
+    """Return one record per study from the prepared images of all of them, in order (pure)."""
+    out, k = [], 0
+    for s in studies:
+        mine = prepared[k:k + len(s.instances)]
+        k += len(s.instances)
+        out.append(make_record(s, mine, scores, thresholds, model_sha))
+    return out
 
 
 # --- through a running daemon -----------------------------------------------------
@@ -94,7 +101,7 @@ class InProcessScorer:
 class ViaScorer:
     """Sends studies to a running daemon and reads its results from the daemon's database."""
 
-    def __init__(self, host: str, port: int, db_path: Path, calling_ae: str, called_ae: str,
+    def __init__(self, host: str, port: int, db_path: Path | str, calling_ae: str, called_ae: str,
                  timeout_s: float = 60.0) -> None:
         self.host, self.port, self.db_path = host, port, db_path
         self.calling_ae, self.called_ae, self.timeout_s = calling_ae, called_ae, timeout_s
@@ -126,6 +133,11 @@ class ViaScorer:
         if self._engine is None:
             from sqlalchemy import create_engine
 
+            if isinstance(self.db_path, str):  # a shared database's URL (database.url)
+                from triage.store.database import make_engine
+
+                self._engine = make_engine(self.db_path)
+                return self._engine
             if not self.db_path.exists():
                 raise FileNotFoundError(self.db_path)
             self._engine = create_engine(f"sqlite:///file:{self.db_path}?mode=ro&uri=true",

@@ -27,6 +27,7 @@ from triage.service.jobs import Jobs
 from triage.service.sender import OutboxSender
 from triage.service.worker import ScoringWorker
 from triage.store.database import open_db
+from triage.store.leases import LeaderLease, node_id
 from triage.store.repository import Store
 from triage.web.app import Ops, build_app
 from triage.web.pages import ModelInfo, Pages
@@ -34,6 +35,13 @@ from triage.web.security import check_exposure
 from triage.web.server import WebServer
 
 log = logging.getLogger(__name__)
+
+# On a spool several daemons share, a temp file younger than this may be another
+# daemon's C-STORE in progress; older ones are leftovers of a crash.
+SHARED_TEMP_GRACE_S = 3600.0
+# Jobs that only the leader runs when several daemons share the database.
+LEADER_JOBS = ("complete-studies", "render-worklist", "drift-watch", "purge-reported",
+               "render-on-change")
 
 
 @dataclass
@@ -51,6 +59,13 @@ class Daemon:
     jobs: Jobs = field(default_factory=Jobs)
     lock: DataDirLock | None = None
     metrics: Metrics | None = None
+    # With a shared database: this daemon's lease on the leader's jobs (None: the only daemon).
+    leader: LeaderLease | None = None
+    _seen: object = None  # the store's fingerprint at the last render-on-change
+
+    def is_leader(self) -> bool:
+        """Whether this daemon runs the leader's jobs now (always, when it is the only one)."""
+        return self.leader is None or self.leader.held
 
     @property
     def dicom_port(self) -> int:
@@ -66,9 +81,12 @@ class Daemon:
         """Recover the spool and render the worklist; start the web server, the listener, the
         scheduled jobs, the outbox sender and the worker. Raises TriageError or OSError when an
         address is in use."""
-        self.spool.cleanup_temp()
+        self.spool.cleanup_temp(SHARED_TEMP_GRACE_S if self.leader is not None else 0.0)
         self.store.reconcile(self.spool)
-        self.pages.render_worklist()
+        if self.leader is not None:
+            self.leader.tick()
+        if self.is_leader() or not self.pages.worklist_html.exists():
+            self.pages.render_worklist()
         self.web.start()
         try:
             self.scp.start()
@@ -92,10 +110,39 @@ class Daemon:
             except Exception:
                 log.exception("could not observe the scoring latency")
         self.sender.wake()
-        self.jobs.soon("render-after-result", self.pages.render_worklist,
-                       self.cfg.worklist.render_debounce_s)
+        if self.is_leader():  # other daemons' results reach the page through render-on-change
+            self.jobs.soon("render-after-result", self._leader_only(self.pages.render_worklist),
+                           self.cfg.worklist.render_debounce_s)
+
+    def _leader_only(self, fn: Any) -> Any:
+        """``fn`` run only while this daemon is the leader (returns None otherwise)."""
+        def run() -> Any:
+            return fn() if self.is_leader() else None
+        return run
+
+    def render_on_change(self) -> bool:
+        """Render the worklist when the database changed since the last look (another
+        daemon's result, a study marked reported there); return whether it rendered."""
+        seen = self.store.fingerprint()
+        if seen == self._seen:
+            return False
+        self.pages.render_worklist()
+        self._seen = seen
+        return True
 
     def _intervals(self) -> dict[str, tuple[float, Any]]:
+        jobs = self._job_functions()
+        if self.leader is None:
+            return jobs
+        lease = self.leader
+        out = {name: (sec, self._leader_only(fn) if name in LEADER_JOBS else fn)
+               for name, (sec, fn) in jobs.items()}
+        out["leader-lease"] = (lease.lease_s / 3, lease.tick)
+        out["render-on-change"] = (max(0.5, self.cfg.worklist.render_debounce_s),
+                                   self._leader_only(self.render_on_change))
+        return out
+
+    def _job_functions(self) -> dict[str, tuple[float, Any]]:
         quiet, wl = self.cfg.studies.quiet_period_s, self.cfg.worklist
         jobs: dict[str, tuple[float, Any]] = {
             "complete-studies": (self.cfg.studies.sweep_interval_s,
@@ -135,6 +182,8 @@ class Daemon:
         self.worker.stop()
         self.sender.stop()
         self.jobs.stop()
+        if self.leader is not None:
+            self.leader.release()  # another daemon takes the leader's jobs over at once
         self.store.engine.dispose()
         if self.lock is not None:
             self.lock.release()
@@ -171,9 +220,12 @@ def build_daemon(cfg: Config) -> Daemon:
     applied_thresholds(model.thresholds, profile, cfg.worker.tier_overrides)
     st = cfg.storage
     # One daemon per data directory, and nothing created or migrated before the
-    # directory is free and the ports can be bound.
-    lock = DataDirLock(st.root)
-    lock.check()
+    # directory is free and the ports can be bound. With a shared (PostgreSQL)
+    # database the directory is shared on purpose: claims and the leader lease
+    # in the database coordinate the daemons instead.
+    lock = None if cfg.database.shared else DataDirLock(st.root)
+    if lock is not None:
+        lock.check()
     check_ports((cfg.dicom.host, cfg.dicom.port, "dicom.port"),
                 (cfg.web.host, cfg.web.port, "web.port"))
     try:
@@ -184,32 +236,51 @@ def build_daemon(cfg: Config) -> Daemon:
             os.chmod(st.root, 0o700)
     except OSError as e:
         raise TriageError(f"data directory {st.root} is not usable: {e.strerror or e}") from e
-    lock.acquire()
+    if lock is not None:
+        lock.acquire()
     try:
         return _wire(cfg, model, profile, guard, lock)
     except BaseException:
-        lock.release()
+        if lock is not None:
+            lock.release()
         raise
 
 
+def open_store(cfg: Config) -> Store:
+    """Open and migrate the configured database; return its Store. Raises TriageError when
+    the database cannot be opened (a server that does not answer, a bad URL)."""
+    from sqlalchemy.exc import SQLAlchemyError
+
+    try:
+        return Store(open_db(cfg.database_url))
+    except (SQLAlchemyError, ValueError) as e:
+        where = "database.url" if cfg.database.url else f"{cfg.storage.db_path}"
+        raise TriageError(f"cannot open the database ({where}): "
+                          f"{str(e).splitlines()[0]}") from e
+
+
 def _wire(cfg: Config, model: OnnxModel, profile: SiteProfile | None, guard: Any,
-          lock: DataDirLock) -> Daemon:
+          lock: DataDirLock | None) -> Daemon:
     st = cfg.storage
     try:
         spool = Spool(st.spool_dir, fsync=st.fsync, min_free_bytes=st.min_free_mb * 2**20)
     except OSError as e:
         raise TriageError(f"data directory {st.root} is not usable: {e.strerror or e}") from e
-    store = Store(open_db(st.db_path))
+    store = open_store(cfg)
+    node = node_id()
+    leader = LeaderLease(store, node, cfg.database.leader_lease_s) if cfg.database.shared else None
     metrics = Metrics(store)
-    sender = OutboxSender(cfg.results, store, st.root)
-    worker = ScoringWorker(cfg, store, model, st.root, profile=profile, guard=guard)
-    pages = Pages(store, st.root / "www", model_info(worker), cfg.worklist)
+    sender = OutboxSender(cfg.results, store, st.root,
+                          gate=None if leader is None else lambda: leader.held)
+    worker = ScoringWorker(cfg, store, model, st.root, profile=profile, guard=guard, node=node)
+    pages = Pages(store, st.root / "www", model_info(worker), cfg.worklist,
+                  gate=None if leader is None else lambda: leader.held)
     scp = StoreScp(scp_settings(cfg), spool, CountingRecorder(store, metrics))
     ops = Ops(health=lambda: daemon.health(), metrics=metrics.text,
               metrics_content_type=METRICS_CONTENT_TYPE)
     app = build_app(pages, st.root, cfg.web, ops)
     daemon = Daemon(cfg, store, spool, scp, worker, pages, WebServer(cfg.web, app), sender,
-                    lock=lock, metrics=metrics)
+                    lock=lock, metrics=metrics, leader=leader)
     return daemon
 
 

@@ -15,6 +15,7 @@ from triage.service.datadir import DataDirLock
 from triage.store import outbox
 from triage.store import schema as db
 from triage.store.database import current_revision, make_engine
+from triage.store.leases import leader_holder
 from triage.store.repository import Store
 from triage.store.schema import DriftCheck, Rejection, Result
 
@@ -22,9 +23,9 @@ from triage.store.schema import DriftCheck, Rejection, Result
 def gather(cfg: Config) -> dict[str, Any]:
     """Return the status as a JSON-ready dict. Raises TriageError when there is no database."""
     path = cfg.storage.db_path
-    if not path.exists():
+    if not cfg.database.shared and not path.exists():
         raise TriageError(f"no database at {path}: has `triage serve` run with this data directory?")
-    engine = make_engine(path)
+    engine = make_engine(cfg.database_url)
     try:
         store = Store(engine)
         counts = store.counts()
@@ -39,12 +40,21 @@ def gather(cfg: Config) -> dict[str, Any]:
                                 .where(Rejection.at >= day_ago)) or 0
         sends = outbox.totals(store)
         revision = current_revision(engine)
+        leader = leader_holder(store) if cfg.database.shared else None
     finally:
         engine.dispose()
-    pid = DataDirLock(cfg.storage.root).holder()
+    if cfg.database.shared:
+        # Several daemons, perhaps on several machines: the leader lease names one of them.
+        daemon: dict[str, Any] = {"leader": None if leader is None else leader[0],
+                                  "leader_lease_left_s": None if leader is None else
+                                  round(max(0.0, leader[1] - time.time()), 1)}
+    else:
+        pid = DataDirLock(cfg.storage.root).holder()
+        daemon = {"running": pid is not None, "pid": pid or None}
     return {
-        "daemon": {"running": pid is not None, "pid": pid or None},
-        "database": str(path), "schema_revision": revision,
+        "daemon": daemon,
+        "database": engine.url.render_as_string(hide_password=True) if cfg.database.shared
+        else str(path), "schema_revision": revision,
         "studies": counts, "failed_results": failed_results,
         "backlog": counts[db.COMPLETE], "receiving": counts[db.RECEIVING],
         "refused_last_24h": rejected,
@@ -70,14 +80,23 @@ def _model(cfg: Config) -> dict[str, Any]:
     return {"name": card.get("name"), "sha256": card.get("sha256"), "path": str(cfg.model.onnx_path)}
 
 
+def _daemon_line(d: dict[str, Any]) -> str:
+    if "leader" in d:  # a shared database: several daemons
+        if d["leader"] is None or not d["leader_lease_left_s"]:
+            return "daemons: NO LEADER holds the lease (is any `triage serve` running?)"
+        return f"daemons: leader {d['leader']} (lease {d['leader_lease_left_s']:g} s left)"
+    if not d["running"]:
+        return ("daemon: NOT RUNNING on this data directory (start it with `triage serve`); "
+                "the figures below are from its database")
+    return f"daemon: running (pid {d['pid']})" if d["pid"] else "daemon: running"
+
+
 def render(st: dict[str, Any]) -> str:
     """Return the status as a few human-readable lines."""
     s = st["studies"]
     d = st["daemon"]
     lines = [
-        (f"daemon: running (pid {d['pid']})" if d["pid"] else "daemon: running") if d["running"]
-        else "daemon: NOT RUNNING on this data directory (start it with `triage serve`); "
-             "the figures below are from its database",
+        _daemon_line(d),
         "studies: " + ", ".join(f"{state} {s[state]}" for state in db.STUDY_STATES),
         f"backlog: {st['backlog']} complete stud{'y' if st['backlog'] == 1 else 'ies'} waiting to be scored",
         f"refused C-STOREs in the last 24 h: {st['refused_last_24h']}",

@@ -69,8 +69,11 @@ class OutboxSender:
     """Sends due outbox rows in a background thread until stopped."""
 
     def __init__(self, cfg: ResultsConfig, store: Any, data_root: Path,
-                 clock: Callable[[], float] = time.time) -> None:
+                 clock: Callable[[], float] = time.time,
+                 gate: Callable[[], bool] | None = None) -> None:
         self.cfg, self.store, self.data_root, self.clock = cfg, store, data_root, clock
+        # Whether this daemon may send now: with several daemons, only the leader does.
+        self.gate = gate
         self.destinations = {d.label: d for d in cfg.destinations}
         self.tls = {d.label: tls_settings(d) for d in cfg.destinations}  # fail at start, not later
         self._wake = threading.Event()
@@ -96,6 +99,10 @@ class OutboxSender:
 
     def _run(self) -> None:
         while not self._stop.is_set():
+            if self.gate is not None and not self.gate():
+                self._wake.wait(self.cfg.poll_interval_s)
+                self._wake.clear()
+                continue
             try:
                 sent = self.run_once()
             except Exception:  # the sender must outlive a bad round; the rows stay pending

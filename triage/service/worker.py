@@ -9,7 +9,12 @@ backlog is simply the number of complete studies.
 
 Exactly-once: a result row and the study's new state are written in one
 transaction, and results are unique per (study, version). A crash before that
-commit leaves the study complete, so the restarted worker scores it once. The
+commit leaves the study complete, so the restarted worker scores it once.
+Several daemons may share one (PostgreSQL) database: each study is claimed
+before it is scored (:mod:`triage.store.leases`), the claim is renewed while
+the work goes on, and the result is written only while the claim holds, so a
+daemon killed mid-scoring loses its claims when they run out and another daemon
+scores those studies, once. The
 same transaction plans what goes back to the PACS (:func:`triage.store.outbox.plan`:
 the SR and overlays with their UIDs, one outbox row per destination), so a
 result is never recorded without its sends, nor a send without its result.
@@ -26,7 +31,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from sqlalchemy import or_, select
+from sqlalchemy import select
 
 from dicom_io.ids import uid_hash, uid_key
 from triage.config import Config
@@ -38,7 +43,7 @@ from triage.inference.guard import Guard
 from triage.inference.model import Model
 from triage.inference.scoring import ImageScore, infer
 from triage.profile import SiteProfile, applied_thresholds, thresholds_source
-from triage.store import outbox
+from triage.store import leases, outbox
 from triage.store import schema as db
 from triage.store.schema import ImageResult, Instance, Result, Study, StudyEvent
 
@@ -81,8 +86,10 @@ class ScoringWorker:
 
     def __init__(self, cfg: Config, store: Any, model: Model, data_root: Path,
                  pool: DecoderPool | None = None, profile: SiteProfile | None = None,
-                 guard: Guard | None = None) -> None:
+                 guard: Guard | None = None, node: str | None = None) -> None:
         self.cfg, self.store, self.model = cfg, store, model
+        # Our name in study claims (several daemons may share the database).
+        self.node = node or leases.node_id()
         self.profile, self.guard = profile, guard
         self.data_root = data_root
         self.heatmap_dir = data_root / "heatmaps"
@@ -101,12 +108,18 @@ class ScoringWorker:
         self.on_result: Callable[[int], Any] | None = None
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
+        self._renewer: threading.Thread | None = None
+        self._held: set[int] = set()  # studies claimed and in hand
+        self._held_lock = threading.Lock()
 
     def start(self) -> None:
-        """Start the decoder pool and the worker thread."""
+        """Start the decoder pool, the worker thread and the thread that renews its claims."""
         self.pool.start()
         self._thread = threading.Thread(target=self._run, name="scoring-worker", daemon=True)
         self._thread.start()
+        self._renewer = threading.Thread(target=self._renew_claims, name="claim-renewer",
+                                         daemon=True)
+        self._renewer.start()
 
     @property
     def alive(self) -> bool:
@@ -118,20 +131,63 @@ class ScoringWorker:
         self._stop.set()
         if self._thread is not None:
             self._thread.join(timeout=120)
+        if self._renewer is not None:
+            self._renewer.join(timeout=30)
         self.pool.close()
 
     def _run(self) -> None:
         while not self._stop.is_set():
             ids: list[int] = []
             try:
-                ids = self.pending(self.cfg.worker.max_studies_in_flight)
+                ids = self.claim(self.cfg.worker.max_studies_in_flight)
                 if ids:
                     self.score_isolated(ids)
             except Exception:
                 log.exception("scoring worker iteration failed; retrying")
-                ids = []
+            finally:
+                self._let_go(ids)
             if not ids:
                 self._stop.wait(self.cfg.worker.poll_interval_s)
+
+    def claim(self, limit: int) -> list[int]:
+        """Claim up to ``limit`` complete studies waiting for a result (and not waiting out a
+        retry backoff, nor claimed by a live daemon), oldest completion first; return their ids.
+        They stay ours, renewed, until :meth:`score_isolated` is done with them."""
+        ids = leases.claim(self.store, self.node, limit, self.cfg.worker.claim_lease_s)
+        with self._held_lock:
+            self._held.update(ids)
+        return ids
+
+    def _let_go(self, ids: list[int]) -> None:
+        """Release claims the round did not settle (a changed study, a crashed round)."""
+        if not ids:
+            return
+        with self._held_lock:
+            self._held.difference_update(ids)
+        try:
+            leases.release(self.store, self.node, ids)
+        except Exception:  # they run out by themselves
+            log.exception("could not release study claims")
+
+    def _settled(self, study_id: int) -> None:
+        """The study's claim is being cleared with its result or failure: stop renewing it."""
+        with self._held_lock:
+            self._held.discard(study_id)
+
+    def _renew_claims(self) -> None:
+        """Renew the claims in hand every third of their lease, until stopped."""
+        lease = self.cfg.worker.claim_lease_s
+        while not self._stop.wait(lease / 3):
+            with self._held_lock:
+                held = sorted(self._held)
+            try:
+                kept = leases.renew(self.store, self.node, held, lease)
+            except Exception:
+                log.exception("could not renew study claims")
+                continue
+            if len(kept) < len(held):
+                log.warning("%d study claim(s) were lost (ran out or the study changed); "
+                            "their results will not be recorded here", len(held) - len(kept))
 
     def score_isolated(self, study_ids: list[int]) -> dict[int, int | None]:
         """Score studies together; when that fails, each alone, so that one study that cannot
@@ -160,10 +216,14 @@ class ScoringWorker:
         w = self.cfg.worker
         now = time.time()
         with self.store.write() as s:
-            study = s.get(Study, study_id)
+            study = s.get(Study, study_id, with_for_update=True)
             if study is None or study.state != db.COMPLETE or (
                     version is not None and study.version != version):
                 return  # reopened meanwhile: the new version starts afresh
+            if not self._ours(study):
+                return
+            study.claimed_by = study.claimed_until = None
+            self._settled(study_id)
             study.attempts += 1
             study.failure = failure_words(e)
             if study.attempts >= w.max_attempts:
@@ -183,15 +243,14 @@ class ScoringWorker:
             except Exception:
                 log.exception("result listener failed")
 
-    def pending(self, limit: int) -> list[int]:
-        """Return ids of complete studies waiting for a result and not waiting out a retry
-        backoff, oldest completion first."""
-        now = time.time()
-        with self.store.read() as s:
-            return list(s.scalars(select(Study.id).where(
-                Study.state == db.COMPLETE,
-                or_(Study.retry_at.is_(None), Study.retry_at <= now))
-                .order_by(Study.completed_at, Study.id).limit(limit)))
+    def _ours(self, study: Study) -> bool:
+        """Whether this daemon may settle ``study``: nobody else claims it now. (An expired
+        claim of ours that nobody took is still ours: the work is done, the result is one.)"""
+        if study.claimed_by in (None, self.node):
+            return True
+        log.warning("study #%d is now claimed by %s; its result is theirs to record",
+                    study.id, study.claimed_by)
+        return False
 
     def score_study(self, study_id: int) -> int | None:
         """Score one complete study; returns its result id or None (see :meth:`score_studies`)."""
@@ -278,9 +337,12 @@ class ScoringWorker:
         reason_list = [f"image {uid_hash(uid_of[i])}: {r}" for i, r in reasons.items()]
         now = time.time()
         with self.store.write() as s:
-            study = s.get(Study, study_id)
+            # The row lock orders us after any other daemon settling this study.
+            study = s.get(Study, study_id, with_for_update=True)
             if study is None or study.state != db.COMPLETE or study.version != version:
                 return None  # reopened meanwhile: the new version will be scored
+            if not self._ours(study):
+                return None
             if s.scalar(select(Result.id).where(Result.study_id == study_id,
                                                 Result.version == version)) is not None:
                 return None
@@ -302,6 +364,8 @@ class ScoringWorker:
             outbox.plan(s, res, rows, self.wants, now)
             study.state = state
             study.attempts, study.retry_at, study.failure = 0, None, None
+            study.claimed_by = study.claimed_until = None
+            self._settled(study_id)
             s.flush()
             rid = res.id
         self._log(study_id, version, state, p, tier, change, reasons)

@@ -1,7 +1,10 @@
 """Engines and migrations: :func:`open_db` opens the database and upgrades it to head.
 
-The Alembic revisions live in ``migrations/`` (found through
-:mod:`triage.resources`, so an installed wheel migrates as a checkout does).
+The database is a SQLite file in the data directory (one daemon) or a
+PostgreSQL server through psycopg 3 (several daemons; ``database.url``). The
+Alembic revisions live in ``migrations/`` (found through
+:mod:`triage.resources`, so an installed wheel migrates as a checkout does)
+and run on both.
 """
 
 from __future__ import annotations
@@ -11,8 +14,9 @@ import os
 from pathlib import Path
 from typing import Any
 
-from sqlalchemy import create_engine, event
-from sqlalchemy.engine import Engine
+from sqlalchemy import create_engine, event, text
+from sqlalchemy.engine import Engine, make_url
+from sqlalchemy.orm import Session
 
 from triage import resources
 
@@ -29,15 +33,72 @@ def _sqlite_pragmas(dbapi_conn: Any, _record: Any) -> None:
     cur.close()
 
 
-def make_engine(db_path: Path) -> Engine:
-    """Return an engine on ``db_path`` with WAL, synchronous=FULL and foreign keys on."""
-    db_path.parent.mkdir(parents=True, exist_ok=True)
+def sqlite_path(target: Path | str) -> Path | None:
+    """Return the SQLite file ``target`` names (a path or a ``sqlite:///`` URL), or None
+    when it names a server database."""
+    if isinstance(target, Path) or "://" not in target:
+        return Path(target)
+    url = make_url(target)
+    return Path(url.database or "") if url.get_backend_name() == "sqlite" else None
+
+
+def _server_url(target: str) -> Any:
+    """The URL with psycopg 3 as its driver (``postgresql://`` alone would pick psycopg2)."""
+    url = make_url(target)
+    if url.get_backend_name() == "postgres":
+        url = url.set(drivername="postgresql")
+    if url.get_backend_name() != "postgresql":
+        raise ValueError(f"unsupported database {url.get_backend_name()!r}")
+    return url.set(drivername="postgresql+psycopg")
+
+
+def make_engine(target: Path | str) -> Engine:
+    """Return an engine on ``target``: a SQLite file (a path or ``sqlite:///`` URL; WAL,
+    synchronous=FULL, foreign keys on) or a PostgreSQL URL (psycopg 3, connections checked
+    before use). Raises ValueError for another kind of database."""
+    path = sqlite_path(target)
+    if path is None:
+        # pool_pre_ping: a server restart or a failover must not cost a scoring round.
+        return create_engine(_server_url(str(target)), pool_pre_ping=True, pool_size=8,
+                             max_overflow=8)
+    path.parent.mkdir(parents=True, exist_ok=True)
     engine = create_engine(
-        f"sqlite:///{db_path}",
+        f"sqlite:///{path}",
         connect_args={"check_same_thread": False, "timeout": 30},
     )
     event.listen(engine, "connect", _sqlite_pragmas)
     return engine
+
+
+def is_shared(engine: Engine) -> bool:
+    """Whether several daemons may share this engine's database (anything but SQLite)."""
+    return engine.dialect.name != "sqlite"
+
+
+def insert_missing(session: Session, table: Any, **values: Any) -> bool:
+    """INSERT a row unless one with the same unique key exists (ON CONFLICT DO NOTHING, so
+    two daemons inserting at once never fail); return whether this call inserted it."""
+    if session.get_bind().dialect.name == "postgresql":
+        from sqlalchemy.dialects.postgresql import insert
+    else:
+        from sqlalchemy.dialects.sqlite import insert  # type: ignore[assignment]
+    t = table.__table__
+    # RETURNING, not rowcount: a row comes back only when this statement inserted it.
+    stmt = insert(t).values(**values).on_conflict_do_nothing().returning(*t.primary_key.columns)
+    return session.execute(stmt).first() is not None
+
+
+def db_now(session: Session) -> float:
+    """Return the time now, in seconds since the epoch, as the database server sees it.
+
+    Leases between daemons on several machines are judged by the one clock they
+    share; SQLite has a single daemon, whose own clock is the database's.
+    """
+    if session.get_bind().dialect.name == "postgresql":
+        return float(session.scalar(text("SELECT extract(epoch FROM clock_timestamp())")))
+    import time
+
+    return time.time()
 
 
 def alembic_config(engine: Engine) -> Any:
@@ -66,14 +127,18 @@ def current_revision(engine: Engine) -> str | None:
         return MigrationContext.configure(conn).get_current_revision()
 
 
-def open_db(db_path: Path) -> Engine:
-    """Open (creating if needed, readable by the daemon's user only) the database and upgrade
-    it to head; return the engine."""
-    db_path = Path(db_path)
-    db_path.parent.mkdir(parents=True, exist_ok=True)
-    # Created 0600 before SQLite opens it: SQLite gives its -wal and -shm files the same mode.
-    os.close(os.open(db_path, os.O_RDWR | os.O_CREAT, 0o600))
-    engine = make_engine(db_path)
+def open_db(target: Path | str) -> Engine:
+    """Open the database (a SQLite path or URL, created if needed and readable by the
+    daemon's user only; or a PostgreSQL URL) and upgrade it to head; return the engine.
+
+    Raises ValueError for an unsupported URL and SQLAlchemy's OperationalError when the
+    server cannot be reached."""
+    path = sqlite_path(target)
+    if path is not None:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        # Created 0600 before SQLite opens it: SQLite gives its -wal and -shm files the same mode.
+        os.close(os.open(path, os.O_RDWR | os.O_CREAT, 0o600))
+    engine = make_engine(path if path is not None else target)
     before = current_revision(engine)
     upgrade(engine)
     after = current_revision(engine)

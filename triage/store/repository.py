@@ -1,8 +1,16 @@
 """The application's record of instances and studies (the SCP's recorder).
 
-All writes go through one lock: SQLite has a single writer, and short
-transactions under one lock keep association threads from tripping over
+All writes of one daemon go through one lock: SQLite has a single writer, and
+short transactions under one lock keep association threads from tripping over
 ``database is locked``. Reads use their own sessions.
+
+On PostgreSQL several daemons write at once, and instances of one study may
+arrive at two of them together. Every change to a study locks its row first
+(``SELECT … FOR UPDATE``; the row is created with ``ON CONFLICT DO NOTHING``),
+so the two recordings happen one after the other, both are kept, and the
+study's counts lose no update. A transaction the server aborts as a deadlock
+(two studies merged in opposite directions at once) or that loses a race on a
+unique key is run again (:data:`RETRIES`).
 """
 
 from __future__ import annotations
@@ -16,6 +24,7 @@ from pathlib import Path
 
 from sqlalchemy import func, select, update
 from sqlalchemy.engine import Engine
+from sqlalchemy.exc import DBAPIError, IntegrityError
 from sqlalchemy.orm import Session, sessionmaker
 
 from dicom_io.header import Header, read_file_header
@@ -24,7 +33,8 @@ from dicom_io.scp import ReceivedInstance
 from dicom_io.spool import Spool, SpoolEntry
 from dicom_io.store_status import Refusal
 from triage.store import schema as db
-from triage.store.schema import Instance, Rejection, Replacement, Study, StudyEvent
+from triage.store.database import insert_missing
+from triage.store.schema import Alert, Instance, Rejection, Replacement, Result, Study, StudyEvent
 
 log = logging.getLogger(__name__)
 
@@ -34,6 +44,18 @@ FIELD_WORDS = {"accession_number": "accession number", "patient_name": "patient 
                "patient_id": "patient ID", "patient_sex": "sex", "patient_age": "age",
                "study_date": "study date", "study_time": "study time",
                "study_description": "study description", "modality": "modality"}
+
+
+# Times a recording is tried when the database aborts it for a race another daemon won.
+RETRIES = 5
+# PostgreSQL's codes for "deadlock detected" and "could not serialize access".
+_RETRY_CODES = ("40P01", "40001")
+
+
+def _raced(e: DBAPIError) -> bool:
+    """Whether ``e`` is a lost race that a second try resolves."""
+    code = getattr(e.orig, "sqlstate", None) or getattr(e.orig, "pgcode", None)
+    return isinstance(e, IntegrityError) or code in _RETRY_CODES
 
 
 def _name(study: Study) -> str:
@@ -72,18 +94,32 @@ class Store:
         a note). The latest instance's demographics win; the values they replace
         stay in the study's history.
         """
+        for attempt in range(1, RETRIES + 1):
+            try:
+                return self._record(inst)
+            except DBAPIError as e:
+                if attempt == RETRIES or not _raced(e):
+                    raise
+                log.info("recording instance %s raced another writer; trying again",
+                         uid_hash(inst.header.sop_instance_uid))
+        raise AssertionError("unreachable")  # pragma: no cover
+
+    def _record(self, inst: ReceivedInstance) -> str:
         now = self.clock()
         h = inst.header
         with self.write() as s:
-            study = s.scalar(select(Study).where(Study.study_uid == h.study_uid))
             existing = s.scalar(select(Instance).where(Instance.sop_instance_uid == h.sop_instance_uid))
             if existing is not None and existing.sha256 == inst.entry.sha256:
                 return "duplicate"
-            if study is None:
-                study = Study(study_uid=h.study_uid, state=db.RECEIVING, version=1, n_instances=0,
-                              attempts=0, first_received_at=now, last_received_at=now)
-                s.add(study)
-                s.flush()
+            insert_missing(s, Study, study_uid=h.study_uid, state=db.RECEIVING, version=1,
+                           n_instances=0, attempts=0, first_received_at=now, last_received_at=now)
+            # The study's row lock orders this recording after any other of the same study.
+            study = s.scalars(select(Study).where(Study.study_uid == h.study_uid)
+                              .with_for_update().execution_options(populate_existing=True)).one()
+            existing = s.scalars(select(Instance).where(Instance.sop_instance_uid == h.sop_instance_uid)
+                                 .execution_options(populate_existing=True)).one_or_none()
+            if existing is not None and existing.sha256 == inst.entry.sha256:
+                return "duplicate"  # the same bytes, recorded meanwhile by another daemon
             self._touch_study(s, study, h, now)
             if existing is None:
                 s.add(self._new_instance(study, inst, now))
@@ -104,7 +140,7 @@ class Store:
 
     def _move(self, s: Session, inst: Instance, to: Study, now: float) -> None:
         """Move ``inst`` from its study to ``to``: rescore the old one, or retire it when empty."""
-        old = s.get(Study, inst.study_id)
+        old = s.get(Study, inst.study_id, with_for_update=True, populate_existing=True)
         assert old is not None
         image = uid_hash(inst.sop_instance_uid)
         inst.study_id = to.id
@@ -131,6 +167,7 @@ class Store:
             old.version += 1
             old.completed_at = None
             old.attempts, old.retry_at, old.failure = 0, None, None
+            old.claimed_by = old.claimed_until = None
         old.last_received_at = now
 
     @staticmethod
@@ -151,6 +188,8 @@ class Store:
             study.version += 1
             study.completed_at = None
             study.attempts, study.retry_at, study.failure = 0, None, None
+            # A daemon scoring the old version finds it changed and records nothing.
+            study.claimed_by = study.claimed_until = None
             if study.note and study.note.startswith("moved to study"):
                 study.note = None
         if study.reported_at is not None:
@@ -191,12 +230,13 @@ class Store:
         """
         now = self.clock()
         with self.write() as s:
-            ids = list(s.scalars(select(Study.id).where(
-                Study.state == db.RECEIVING, Study.last_received_at <= now - quiet_period_s)))
-            if ids:
-                s.execute(update(Study).where(Study.id.in_(ids))
-                          .values(state=db.COMPLETE, completed_at=now))
-        return ids
+            # One statement: a study that another daemon reopens meanwhile is
+            # re-checked against the condition after its row lock, not completed blindly.
+            return list(s.execute(
+                update(Study).where(Study.state == db.RECEIVING,
+                                    Study.last_received_at <= now - quiet_period_s)
+                .values(state=db.COMPLETE, completed_at=now)
+                .returning(Study.id)).scalars())
 
     def mark_reported(self, study_id: int, reported: bool = True, by: str | None = None) -> bool:
         """Mark a study reported by ``by`` (it moves to history) or, with ``reported=False``,
@@ -204,7 +244,7 @@ class Store:
         first time and the first user.
         """
         with self.write() as s:
-            study = s.get(Study, study_id)
+            study = s.get(Study, study_id, with_for_update=True)
             if study is None:
                 return False
             if not reported:
@@ -222,6 +262,19 @@ class Store:
         out = {state: 0 for state in db.STUDY_STATES}
         out.update({state: n for state, n in rows})
         return out
+
+    def fingerprint(self) -> tuple[object, ...]:
+        """Return a cheap summary that changes whenever the worklist would (a study arrives,
+        completes, is scored, reported or reopened; an alert): what the leader polls to
+        render pages that other daemons' work changed."""
+        with self.read() as s:
+            studies = s.execute(select(
+                func.count(), func.max(Study.last_received_at), func.sum(Study.version),
+                func.sum(func.coalesce(Study.reported_at, 0.0)),
+                func.sum(func.coalesce(Study.completed_at, 0.0)),
+                func.sum(Study.attempts))).one()
+            return (*studies, s.scalar(select(func.max(Result.id))),
+                    s.scalar(select(func.count()).select_from(Alert).where(Alert.active)))
 
     def known_relpaths(self) -> set[str]:
         """Return every spool path the database refers to (current or replaced)."""

@@ -66,6 +66,10 @@ class Study(Base):
     attempts: Mapped[int] = mapped_column(Integer, nullable=False, server_default="0", default=0)
     retry_at: Mapped[float | None] = mapped_column(Float)
     failure: Mapped[str | None] = mapped_column(Text)
+    # The daemon scoring the current version, and until when its claim holds
+    # (database time). An expired claim is anyone's: its daemon died or stalled.
+    claimed_by: Mapped[str | None] = mapped_column(String(128))
+    claimed_until: Mapped[float | None] = mapped_column(Float)
     instances: Mapped[list[Instance]] = relationship(back_populates="study")
 
 
@@ -110,6 +114,17 @@ class StudyEvent(Base):
     at: Mapped[float] = mapped_column(Float, nullable=False)
     kind: Mapped[str] = mapped_column(String(32), nullable=False)  # moved-in | moved-out | corrected | failed
     detail: Mapped[str] = mapped_column(Text, nullable=False)  # in words
+
+
+class Lease(Base):
+    """A named lease with an expiry (database time): "leader" is the daemon that runs the
+    jobs only one may run at a time."""
+
+    __tablename__ = "leases"
+    name: Mapped[str] = mapped_column(String(64), primary_key=True)
+    holder: Mapped[str] = mapped_column(String(128), nullable=False)
+    expires_at: Mapped[float] = mapped_column(Float, nullable=False)
+    acquired_at: Mapped[float] = mapped_column(Float, nullable=False)
 
 
 class Rejection(Base):

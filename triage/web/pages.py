@@ -222,9 +222,13 @@ class Pages:
     """Renders the worklist to files (scheduled) and the study and history pages (per request)."""
 
     def __init__(self, store: Any, out_dir: Path, model: ModelInfo, cfg: WorklistConfig,
-                 clock: Callable[[], float] = time.time) -> None:
+                 clock: Callable[[], float] = time.time,
+                 gate: Callable[[], bool] | None = None) -> None:
         self.store, self.out_dir, self.model, self.cfg = store, out_dir, model, cfg
         self.clock = clock
+        # Whether this daemon renders the shared worklist now (with several daemons, the
+        # leader does; the others' changes reach it through the leader's next look).
+        self.gate = gate
         self.env = environment()
         self.csp_hashes = asset_hashes(self.env)
         # One render at a time: a slower, older render must not rename over a newer one.
@@ -268,7 +272,8 @@ class Pages:
         """
         if not self.store.mark_reported(study_id, reported, by):
             return False
-        self.render_worklist()
+        if self.gate is None or self.gate():
+            self.render_worklist()
         return True
 
     def study_page(self, study_id: int) -> str | None:
