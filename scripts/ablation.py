@@ -8,7 +8,8 @@ lowest threshold reaching 95 % sensitivity (chosen on the same images, so an
 optimistic in-sample figure, but equally so for every row) with its
 Clopper-Pearson interval, and the paired-bootstrap difference of both against
 the baseline (the same resampled images for both models, which removes the
-image-to-image variance shared by the two).
+image-to-image variance shared by the two). ``NAME=A.json+B.json`` averages
+the models' probabilities (an ensemble of two).
 
     .venv/bin/python scripts/ablation.py base=runs/A/calibration.json \\
         strong=runs/B/calibration.json strong+flip=runs/B/calibration-flip.json
@@ -56,8 +57,15 @@ def main(argv: list[str] | None = None) -> int:
     for item in args.runs:
         name, _, path = item.partition("=")
         if not path:
-            ap.error(f"{item!r}: expected NAME=REPORT")
-        named.append((name, *_load(Path(path))))
+            ap.error(f"{item!r}: expected NAME=REPORT[+REPORT...]")
+        # REPORT+REPORT: the average of the models' calibrated probabilities (an ensemble)
+        parts = [_load(Path(p)) for p in path.split("+")]
+        keys, y, p = parts[0]
+        for k2, y2, p2 in parts[1:]:
+            if k2 != keys or not np.array_equal(y2, y):
+                sys.exit(f"{name}: the averaged reports scored different images")
+            p = p + p2
+        named.append((name, keys, y, p / len(parts)))
     base_keys = named[0][1]
     order = {k: i for i, k in enumerate(base_keys)}
     aligned = []
