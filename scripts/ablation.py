@@ -30,6 +30,12 @@ from triage.core import metrics
 TARGET = 0.95
 
 
+def _robust(path: Path) -> float | None:
+    """The pooled AUC under perturbations, when the report has it (``--robustness``)."""
+    value = json.loads(path.read_text()).get("robustness_auc", {}).get("pooled")
+    return None if value is None else float(value)
+
+
 def _load(path: Path) -> tuple[list[str], np.ndarray, np.ndarray]:
     rep = json.loads(path.read_text())
     if "scores" not in rep:
@@ -54,12 +60,15 @@ def main(argv: list[str] | None = None) -> int:
     args = ap.parse_args(argv)
 
     named = []
+    robust: dict[str, float | None] = {}
     for item in args.runs:
         name, _, path = item.partition("=")
         if not path:
             ap.error(f"{item!r}: expected NAME=REPORT[+REPORT...]")
         # REPORT+REPORT: the average of the models' calibrated probabilities (an ensemble)
-        parts = [_load(Path(p)) for p in path.split("+")]
+        paths = [Path(p) for p in path.split("+")]
+        parts = [_load(p) for p in paths]
+        robust[name] = _robust(paths[0]) if len(paths) == 1 else None
         keys, y, p = parts[0]
         for k2, y2, p2 in parts[1:]:
             if k2 != keys or not np.array_equal(y2, y):
@@ -95,8 +104,8 @@ def main(argv: list[str] | None = None) -> int:
     base_auc, base_spec = boot(aligned[0][2])
     print(f"{n} images ({int(y0.sum())} abnormal); {args.iterations} paired bootstrap draws\n")
     print("| recipe | AUC [95% CI] | spec. at sens. >= 0.95 [95% CI] | dAUC vs base [95% CI] "
-          "| d spec. vs base [95% CI] |")
-    print("|---|---|---|---|---|")
+          "| d spec. vs base [95% CI] | perturbed AUC (pooled) |")
+    print("|---|---|---|---|---|---|")
     for k, (name, _, p) in enumerate(aligned):
         aucs, specs = (base_auc, base_spec) if k == 0 else boot(p)
         a = roc_auc_score(y0, p)
@@ -113,7 +122,8 @@ def main(argv: list[str] | None = None) -> int:
             d_spec = spec.value - _spec_at_sens(y0, aligned[0][2])[1].value
             row += (f" {d_auc:+.4f} [{da[0]:+.4f}, {da[1]:+.4f}] |"
                     f" {d_spec:+.3f} [{ds[0]:+.3f}, {ds[1]:+.3f}] |")
-        print(row)
+        r = robust[name]
+        print(row + (f" {r:.4f} |" if r is not None else " — |"))
     return 0
 
 
