@@ -7,8 +7,8 @@ table: the AUC with a percentile-bootstrap interval, the specificity at the
 lowest threshold reaching 95 % sensitivity (chosen on the same images, so an
 optimistic in-sample figure, but equally so for every row) with its
 Clopper-Pearson interval, and the paired-bootstrap difference of both against
-the baseline (the same resampled images for both models, which removes the
-image-to-image variance shared by the two). ``NAME=A.json+B.json`` averages
+the baseline (the same resampled patients, with all their images, for both
+models, which removes the variance the two share). ``NAME=A.json+B.json`` averages
 the models' probabilities (an ensemble of two).
 
     .venv/bin/python scripts/ablation.py base=runs/A/calibration.json \\
@@ -26,6 +26,7 @@ import numpy as np
 from sklearn.metrics import roc_auc_score
 
 from triage.core import metrics
+from triage.training.splits import patient_id
 
 TARGET = 0.95
 
@@ -77,6 +78,8 @@ def main(argv: list[str] | None = None) -> int:
         named.append((name, keys, y, p / len(parts)))
     base_keys = named[0][1]
     order = {k: i for i, k in enumerate(base_keys)}
+    if len(order) != len(base_keys):
+        sys.exit(f"{named[0][0]}: two images share a file name; cannot pair them")
     aligned = []
     for name, keys, y, p in named:
         if sorted(keys) != sorted(base_keys):
@@ -88,12 +91,18 @@ def main(argv: list[str] | None = None) -> int:
         if not np.array_equal(y, y0):
             sys.exit(f"{name}: labels differ from the baseline's")
 
+    # Images of one patient are correlated: resample patients (with all their images),
+    # not images, so that the intervals are not too narrow.
+    groups: dict[str, list[int]] = {}
+    for i, k in enumerate(base_keys):
+        groups.setdefault(patient_id(k), []).append(i)
+    members = [np.asarray(v) for v in groups.values()]
     rng = np.random.default_rng(args.seed)
     n = len(y0)
     draws = []
     while len(draws) < args.iterations:
-        i = rng.integers(0, n, n)
-        if 0 < y0[i].sum() < n:
+        i = np.concatenate([members[j] for j in rng.integers(0, len(members), len(members))])
+        if 0 < y0[i].sum() < len(i):
             draws.append(i)
 
     def boot(p: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -102,7 +111,8 @@ def main(argv: list[str] | None = None) -> int:
         return aucs, specs
 
     base_auc, base_spec = boot(aligned[0][2])
-    print(f"{n} images ({int(y0.sum())} abnormal); {args.iterations} paired bootstrap draws\n")
+    print(f"{n} images ({int(y0.sum())} abnormal) of {len(members)} patients; "
+          f"{args.iterations} paired bootstrap draws of patients\n")
     print("| recipe | AUC [95% CI] | spec. at sens. >= 0.95 [95% CI] | dAUC vs base [95% CI] "
           "| d spec. vs base [95% CI] | perturbed AUC (pooled) |")
     print("|---|---|---|---|---|---|")

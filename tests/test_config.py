@@ -55,6 +55,9 @@ def test_config_is_frozen() -> None:
     ({"worklist": {"render_interval_s": 0}}, "'worklist.render_interval_s'"),
     ({"worklist": {"retention_days": -1}}, "'worklist.retention_days'"),
     ({"worklist": {"routine_max_wait": 5}}, "did you mean 'worklist.routine_max_wait_min'"),
+    # SQLite only in the data directory, under its one-daemon lock
+    ({"database": {"url": "sqlite:////srv/elsewhere/triage.sqlite"}}, "'database.url'"),
+    ({"database": {"url": "mysql://db/triage"}}, "'database.url'"),
 ])
 def test_bad_config_is_rejected_naming_the_key(data: dict, expected: str) -> None:
     with pytest.raises(ConfigError) as e:

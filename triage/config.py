@@ -194,9 +194,13 @@ class DatabaseConfig:
 
     def __post_init__(self) -> None:
         scheme = self.url.partition("://")[0].partition("+")[0]
+        # SQLite lives only in the data directory, whose lock keeps a second daemon out;
+        # a SQLite file elsewhere could be opened by two daemons with different data
+        # directories, each believing it is alone.
         _check(not self.url or (bool(scheme) and "://" in self.url
-                                and scheme in ("sqlite", "postgresql", "postgres")),
-               "database.url", "must be empty, a sqlite:/// URL or a postgresql:// URL")
+                                and scheme in ("postgresql", "postgres")),
+               "database.url", "must be empty (the SQLite file in storage.data_dir) or a "
+               "postgresql:// URL")
         _check(self.leader_lease_s >= 1, "database.leader_lease_s", "must be >= 1")
 
     @property

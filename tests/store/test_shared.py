@@ -154,3 +154,44 @@ def test_leader_lease_contended_by_many_has_one_holder(pg_url: str, n: int) -> N
     for t in threads:
         t.join(60)
     assert won.count(True) == 1
+
+
+def test_a_late_instance_racing_the_leaders_purge_of_its_study_is_kept(
+        pg_url: str, tmp_path: Path) -> None:
+    """The purge locks the studies it deletes; a recording of a late instance of one of them
+    waits, finds the row gone, and records the instance into a new study: acknowledged,
+    on disk and in the database."""
+    from triage.store import retention
+
+    a, b = _stores(pg_url)
+    spool = Spool(tmp_path / "spool", fsync=False)
+    uid = str(generate_uid())
+    assert a.record_instance(_received(spool, tmp_path, uid, 0)) == "stored"
+    with a.write() as s:
+        s.execute(update(Study).where(Study.study_uid == uid)
+                  .values(state=db.SCORED, reported_at=1.0, reported_by="test"))
+    late = _received(spool, tmp_path, uid, 1)
+    purging, recorded = threading.Event(), []
+
+    def record() -> None:
+        purging.wait(30)
+        recorded.append(b.record_instance(late))
+
+    t = threading.Thread(target=record)
+    t.start()
+    with a.write() as s:  # the purge's transaction, held open while b tries to record
+        ids = retention.purgeable(s, 10.0, 50)
+        assert len(ids) == 1
+        purging.set()
+        time.sleep(1.0)  # b is now waiting on the study's row lock
+        assert t.is_alive() and not recorded
+        retention._delete_rows(s, ids)
+    t.join(60)
+    assert recorded == ["stored"]
+    with a.read() as s:
+        study = s.scalars(select(Study).where(Study.study_uid == uid)).one()
+        assert study.state == db.RECEIVING and study.n_instances == 1
+        (inst,) = s.scalars(select(Instance).where(Instance.study_id == study.id)).all()
+        assert inst.sop_instance_uid == late.header.sop_instance_uid
+    assert late.entry.path.exists()
+

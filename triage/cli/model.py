@@ -129,8 +129,9 @@ def _calibrate(args: argparse.Namespace) -> int:
     cfg = load_config(args)
     setup_logging(cfg.logging.level)
     ccfg = cfg.calibration
-    if args.conservative:
-        ccfg = dataclasses.replace(ccfg, conservative=True)
+    if args.conservative:  # every point, whatever the config says for it
+        ccfg = dataclasses.replace(ccfg, conservative=True, operating_points=tuple(
+            dataclasses.replace(op, conservative=True) for op in ccfg.operating_points))
     out = args.out or str(_run_dir(args.checkpoint) / "calibration.json")
     png = args.png or str(_run_dir(args.checkpoint) / "reliability.png")
     cal = calibrate.run(args.checkpoint, train.read_manifest(args.manifest, args.data),

@@ -27,7 +27,7 @@ from triage.service.jobs import Jobs
 from triage.service.sender import OutboxSender
 from triage.service.worker import ScoringWorker
 from triage.store.database import open_db
-from triage.store.leases import LeaderLease, node_id
+from triage.store.leases import LeaderLease, node_id, release_all
 from triage.store.repository import Store
 from triage.web.app import Ops, build_app
 from triage.web.pages import ModelInfo, Pages
@@ -85,6 +85,8 @@ class Daemon:
         self.store.reconcile(self.spool)
         if self.leader is not None:
             self.leader.tick()
+        elif release_all(self.store):
+            log.info("claims left by the previous run were released")
         if self.is_leader() or not self.pages.worklist_html.exists():
             self.pages.render_worklist()
         self.web.start()

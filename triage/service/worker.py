@@ -107,6 +107,7 @@ class ScoringWorker:
         # schedules a worklist render); it must return quickly.
         self.on_result: Callable[[int], Any] | None = None
         self._stop = threading.Event()
+        self._renewing = threading.Event()  # set: stop renewing claims
         self._thread: threading.Thread | None = None
         self._renewer: threading.Thread | None = None
         self._held: set[int] = set()  # studies claimed and in hand
@@ -131,6 +132,9 @@ class ScoringWorker:
         self._stop.set()
         if self._thread is not None:
             self._thread.join(timeout=120)
+        # Renewed until the studies in hand are settled, so that no other daemon takes
+        # them over while this one is still finishing them.
+        self._renewing.set()
         if self._renewer is not None:
             self._renewer.join(timeout=30)
         self.pool.close()
@@ -177,7 +181,7 @@ class ScoringWorker:
     def _renew_claims(self) -> None:
         """Renew the claims in hand every third of their lease, until stopped."""
         lease = self.cfg.worker.claim_lease_s
-        while not self._stop.wait(lease / 3):
+        while not self._renewing.wait(lease / 3):
             with self._held_lock:
                 held = sorted(self._held)
             try:

@@ -107,7 +107,10 @@ def alembic_config(engine: Engine) -> Any:
 
     cfg = AlembicConfig()
     cfg.set_main_option("script_location", str(resources.path("migrations")))
-    cfg.set_main_option("sqlalchemy.url", str(engine.url))
+    # Alembic's config is a ConfigParser: '%' (as in a URL-quoted socket path or
+    # certificate file, or a data directory named "50%") must be doubled. The
+    # engine itself is what env.py uses; the URL (password masked) is informative.
+    cfg.set_main_option("sqlalchemy.url", str(engine.url).replace("%", "%%"))
     cfg.attributes["engine"] = engine
     return cfg
 

@@ -86,6 +86,15 @@ def release(store: Any, node: str, ids: Iterable[int]) -> None:
                       .values(claimed_by=None, claimed_until=None))
 
 
+def release_all(store: Any) -> int:
+    """Drop every claim; return how many there were. Only for a database one daemon owns
+    (SQLite, under the data directory's lock): the claims of a crashed predecessor are
+    then nobody's, and its studies need not wait for them to run out."""
+    with store.write() as s:
+        return int(s.execute(update(Study).where(Study.claimed_by.is_not(None))
+                             .values(claimed_by=None, claimed_until=None)).rowcount or 0)
+
+
 class LeaderLease:
     """The leader lease of one daemon: :meth:`tick` takes or renews it; :attr:`held` says
     whether this daemon may run the leader's jobs now."""

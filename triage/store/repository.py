@@ -24,7 +24,7 @@ from pathlib import Path
 
 from sqlalchemy import func, select, update
 from sqlalchemy.engine import Engine
-from sqlalchemy.exc import DBAPIError, IntegrityError
+from sqlalchemy.exc import DBAPIError, IntegrityError, NoResultFound
 from sqlalchemy.orm import Session, sessionmaker
 
 from dicom_io.header import Header, read_file_header
@@ -97,6 +97,11 @@ class Store:
         for attempt in range(1, RETRIES + 1):
             try:
                 return self._record(inst)
+            except NoResultFound:
+                # The study row vanished while we waited for its lock (another daemon's
+                # retention purge): record again, into a study created afresh.
+                if attempt == RETRIES:
+                    raise
             except DBAPIError as e:
                 if attempt == RETRIES or not _raced(e):
                     raise

@@ -51,9 +51,13 @@ class Purged:
 
 def purgeable(session: Any, cutoff: float, limit: int) -> list[int]:
     """Return ids of studies reported before ``cutoff`` and in a final state."""
+    # Locked (PostgreSQL; SQLite has one writer): another daemon recording a late
+    # instance of one of these studies waits on its row until the purge commits, then
+    # finds the row gone and records the instance into a new study (it retries).
     return list(session.scalars(select(Study.id).where(
         Study.reported_at.is_not(None), Study.reported_at < cutoff,
-        Study.state.in_(FINAL_STATES)).order_by(Study.reported_at).limit(limit)))
+        Study.state.in_(FINAL_STATES)).order_by(Study.reported_at).limit(limit)
+        .with_for_update(skip_locked=True)))
 
 
 def _files(session: Any, ids: list[int], spool: Path, data_root: Path) -> list[Path]:

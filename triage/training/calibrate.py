@@ -181,8 +181,10 @@ def split_logits(checkpoint: str | Path, samples: Sequence[Any], split: str, tta
     pre = preprocess_of(meta)
     prefix, rest = split_cached(build_transforms(pre, InputSpec.from_dict(meta["input"])))
     first: Callable[[Any], Any] = prefix if perturb is None else (lambda g: prefix(perturb(g)))
-    images, labels = train.cache_images(chosen, first, pre, f"cache {split}")
-    return train.predict_logits(model, images, rest, tta=tta), labels, meta
+    kept: list[Any] = []
+    images, labels = train.cache_images(chosen, first, pre, f"cache {split}", kept)
+    # "kept": the samples behind each logit (gated or undecodable ones are skipped)
+    return train.predict_logits(model, images, rest, tta=tta), labels, {**meta, "kept": kept}
 
 
 def robustness(checkpoint: str | Path, samples: Sequence[Any], split: str, tta: str = "none",
@@ -218,7 +220,7 @@ def run(checkpoint: str | Path, samples: Sequence[Any], split: str, cfg: Calibra
     """
     logits, labels, meta = split_logits(checkpoint, samples, split, tta)
     cal = calibrate_logits(logits, labels, float(meta.get("prior_shift", 0.0)), cfg)
-    chosen = [s for s in samples if s.split == split]
+    chosen = meta["kept"]
     probs = metrics.sigmoid((np.asarray(logits, dtype=np.float64) - cal.prior_shift)
                             / cal.temperature)
     report = {"checkpoint": str(checkpoint), "split": split, "config": asdict(cfg), "tta": tta,

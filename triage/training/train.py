@@ -162,11 +162,13 @@ def seed_everything(seed: int) -> torch.Generator:
 
 
 def cache_images(samples: Sequence[Sample], prefix: Callable[[Any], Any],
-                 cfg: PreprocessConfig, desc: str) -> tuple[torch.Tensor, np.ndarray]:
+                 cfg: PreprocessConfig, desc: str, kept: list[Sample] | None = None,
+                 ) -> tuple[torch.Tensor, np.ndarray]:
     """Decode and run the deterministic chain once per sample, keeping usable ones.
 
     Returns (images (N, C, S, S) float32, labels (N,)). Gated or undecodable
-    samples are skipped with a warning. Raises InputError if none are usable.
+    samples are skipped with a warning; ``kept``, when given, receives the
+    samples kept, in order. Raises InputError if none are usable.
     """
     from tqdm import tqdm
 
@@ -180,6 +182,8 @@ def cache_images(samples: Sequence[Sample], prefix: Callable[[Any], Any],
             try:
                 xs.append(torch.as_tensor(np.asarray(prefix(load_any(s.path, cfg)))))
                 ys.append(s.label)
+                if kept is not None:
+                    kept.append(s)
             except UnscorableError as e:
                 skipped += 1
                 log.warning("skipping %s: %s", s.path.name, e.reason)
