@@ -24,7 +24,7 @@ import os
 import shutil
 import time
 import uuid
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -93,13 +93,19 @@ class Spool:
         file at the durable path.
         """
         digest = hashlib.sha256(data).hexdigest()
+        return self._commit(study_uid, sop_uid, digest, len(data), lambda: data)
+
+    def _commit(self, study_uid: str, sop_uid: str, digest: str, size: int,
+                blocks: Callable[[], bytes | Iterable[bytes]]) -> SpoolEntry:
+        """Write ``blocks()`` to a temp file, fsync it, rename it to its durable path and
+        fsync the directory (nothing when that path already holds these bytes)."""
         final = self.path_for(study_uid, sop_uid, digest)
         rel = final.relative_to(self.root).as_posix()
-        if final.exists() and final.stat().st_size == len(data):
-            return SpoolEntry(final, rel, digest, len(data), existed=True)
+        if final.exists() and final.stat().st_size == size:
+            return SpoolEntry(final, rel, digest, size, existed=True)
         tmp = self.tmp / f"{uuid.uuid4().hex}.part"
         try:
-            self._write_tmp(tmp, data)
+            self._write_tmp(tmp, blocks())
             self._ensure_dir(final.parent)
             os.replace(tmp, final)
             if self.fsync:
@@ -108,7 +114,7 @@ class Spool:
             tmp.unlink(missing_ok=True)
             full = e.errno in (errno.ENOSPC, errno.EDQUOT)
             raise SpoolError(f"spool write failed: {e.strerror or e}", out_of_space=full) from e
-        return SpoolEntry(final, rel, digest, len(data), existed=False)
+        return SpoolEntry(final, rel, digest, size, existed=False)
 
     def write_file(self, study_uid: str, sop_uid: str, source: Path,
                    chunk: int = 1 << 20) -> SpoolEntry:
@@ -120,24 +126,12 @@ class Spool:
             while block := fh.read(chunk):
                 sha.update(block)
                 size += len(block)
-        digest = sha.hexdigest()
-        final = self.path_for(study_uid, sop_uid, digest)
-        rel = final.relative_to(self.root).as_posix()
-        if final.exists() and final.stat().st_size == size:
-            return SpoolEntry(final, rel, digest, size, existed=True)
-        tmp = self.tmp / f"{uuid.uuid4().hex}.part"
-        try:
+
+        def blocks() -> Iterator[bytes]:
             with open(source, "rb") as fh:
-                self._write_tmp(tmp, iter(lambda: fh.read(chunk), b""))
-            self._ensure_dir(final.parent)
-            os.replace(tmp, final)
-            if self.fsync:
-                _fsync_dir(final.parent)
-        except OSError as e:
-            tmp.unlink(missing_ok=True)
-            full = e.errno in (errno.ENOSPC, errno.EDQUOT)
-            raise SpoolError(f"spool write failed: {e.strerror or e}", out_of_space=full) from e
-        return SpoolEntry(final, rel, digest, size, existed=False)
+                yield from iter(lambda: fh.read(chunk), b"")
+
+        return self._commit(study_uid, sop_uid, sha.hexdigest(), size, blocks)
 
     def _write_tmp(self, tmp: Path, data: bytes | Iterable[bytes]) -> None:
         """Write ``data`` (bytes, or blocks of them) to a new file ``tmp``, fsynced if set."""
