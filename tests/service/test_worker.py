@@ -8,6 +8,7 @@ import sqlite3
 import subprocess
 import sys
 from pathlib import Path
+from typing import Any
 
 from PIL import Image
 from pydicom import dcmread
@@ -95,13 +96,20 @@ def test_broken_image_is_reported_and_the_good_one_scored(daemon: Daemon) -> Non
     assert len(json.loads(res.reasons)) == 1
 
 
-def test_late_instance_creates_a_second_result_version(daemon: Daemon) -> None:
+def _scored_then_a_late_instance(daemon: Daemon) -> tuple[str, Any, Any]:
+    """Send a one-image study, wait for its result, send a second image late; return the
+    study UID and the results of versions 1 and 2."""
     study_uid = generate_uid()
     assert send(daemon.dicom_port, [synth.make_dataset(SPEC, study_uid=study_uid)]) == [0]
     wait_for(lambda: _results(daemon, study_uid), timeout=60)
     assert send(daemon.dicom_port, [synth.make_dataset(
         synth.SynthSpec(rows=160, columns=160, seed=7), study_uid=study_uid)]) == [0]
     first, second = wait_for(lambda: (r := _results(daemon, study_uid)) and len(r) == 2 and r, timeout=60)
+    return study_uid, first, second
+
+
+def test_late_instance_creates_a_second_result_version(daemon: Daemon) -> None:
+    _, first, second = _scored_then_a_late_instance(daemon)
     assert (first.version, second.version) == (1, 2)
     assert second.previous_tier == first.tier
     assert (second.tier_change is None) == (second.tier == first.tier)
@@ -193,12 +201,7 @@ def test_daemon_on_postgresql_scores_a_late_instance_as_a_second_version(
         daemon_factory, pg_url: str, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
     d = daemon_factory(**{"database.url": pg_url})
     assert d.lock is None and d.leader is not None and d.is_leader()
-    study_uid = generate_uid()
-    assert send(d.dicom_port, [synth.make_dataset(SPEC, study_uid=study_uid)]) == [0]
-    wait_for(lambda: _results(d, study_uid), timeout=60)
-    assert send(d.dicom_port, [synth.make_dataset(
-        synth.SynthSpec(rows=160, columns=160, seed=7), study_uid=study_uid)]) == [0]
-    first, second = wait_for(lambda: (r := _results(d, study_uid)) and len(r) == 2 and r, timeout=60)
+    study_uid, first, second = _scored_then_a_late_instance(d)
     assert (first.version, second.version) == (1, 2) and len(_images(d, second.id)) == 2
     with d.store.read() as s:
         study = s.scalar(select(Study).where(Study.study_uid == study_uid))
