@@ -130,3 +130,66 @@ def test_pydicom_test_files_decode(name: str) -> None:
     out = decode(pydicom.dcmread(path))
     assert out.ndim == 2 and out.dtype == np.float32
     assert 0.0 <= out.min() <= out.max() <= 1.0
+
+
+# Reduced decoding: the oracle is the full-resolution decode, block-averaged by plain numpy.
+
+
+def _blocks(img: np.ndarray, k: int) -> np.ndarray:
+    h, w = img.shape
+    return img[:h - h % k, :w - w % k].reshape(h // k, k, w // k, k).mean(axis=(1, 3))
+
+
+def test_a_reduced_decode_equals_the_block_average_of_the_full_decode_when_nothing_clips() -> None:
+    px = phantom(1030, 1100, bits_stored=12, seed=3)
+    # A rescale and a window wide enough that no pixel clips: every step is linear.
+    ds = make_dataset(SynthSpec(rows=1030, columns=1100, rescale=(2.0, -100.0),
+                                window=(4000, 12000)), pixels=px)
+    full = decode(ds)
+    small = decode(ds, min_side=300)
+    assert small.shape == (344, 367)  # factor 3 (1030 // 300), the ragged edge padded
+    np.testing.assert_allclose(small[:-1, :-1], _blocks(full, 3)[:343, :366], atol=1e-5)
+
+
+def test_without_min_side_or_for_a_small_image_nothing_is_reduced() -> None:
+    ds = make_dataset(SynthSpec(rows=400, columns=400), pixels=phantom(400, 400))
+    np.testing.assert_array_equal(decode(ds, min_side=300), decode(ds))
+
+
+@pytest.mark.parametrize("syntax", ["1.2.840.10008.1.2.4.90", "1.2.840.10008.1.2.4.80"])
+def test_compressed_images_decode_reduced_close_to_the_full_decode(syntax: str) -> None:
+    from pydicom.uid import UID
+
+    from dicom_io.pixels import _j2k_reduced
+
+    px = phantom(2048, 2048, bits_stored=12, seed=1)
+    ds = make_dataset(SynthSpec(rows=2048, columns=2048, bits_stored=12, window=(2048, 4096)),
+                      pixels=px)
+    ds.compress(UID(syntax))
+    full = decode(ds)
+    small = decode(ds, min_side=512)
+    assert small.shape == (512, 512)
+    # JPEG 2000 stops at its third resolution level (a wavelet low-pass, not a box):
+    # close to the block average, not equal; JPEG-LS decodes in full and averages.
+    reduced = _j2k_reduced(ds, 512)
+    assert (reduced is not None) == (syntax.endswith(".90"))
+    diff = small - _blocks(full, 4)
+    assert abs(float(diff.mean())) < 0.001  # no bias
+    assert float(np.abs(diff).mean()) < 0.01 and float(np.percentile(np.abs(diff), 99)) < 0.03
+    if reduced is not None:  # stored values, not Pillow's 16-bit widening
+        assert abs(float(reduced.mean()) - float(px.mean())) < 0.01 * float(px.mean())
+
+
+def test_a_signed_jpeg2000_image_is_decoded_in_full() -> None:
+    from pydicom.uid import JPEG2000Lossless
+
+    from dicom_io.pixels import _j2k_reduced
+
+    px = (phantom(1024, 1024, bits_stored=12, seed=2).astype(np.int16) - 2048)
+    ds = make_dataset(SynthSpec(rows=1024, columns=1024, bits_stored=12, window=(0, 8192)),
+                      pixels=px)
+    ds.PixelRepresentation = 1
+    ds.compress(JPEG2000Lossless)
+    assert _j2k_reduced(ds, 300) is None
+    np.testing.assert_allclose(decode(ds, min_side=300)[:341, :341], _blocks(decode(ds), 3),
+                               atol=1e-5)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import numpy as np
@@ -171,3 +172,45 @@ def test_denoising_removes_pixel_noise_and_keeps_the_shape(kind: str) -> None:
     # Closer to the clean image than without denoising (away from the borders).
     inner = (slice(None), slice(4, -4), slice(4, -4))
     assert np.abs(smooth - target)[inner].mean() < np.abs(plain - target)[inner].mean()
+
+
+@pytest.mark.parametrize("syntax", [None, "1.2.840.10008.1.2.4.90"])
+def test_decoding_reduced_changes_the_shipped_models_input_very_little(syntax: str | None) -> None:
+    """The daemon decodes at the working side (512 px) instead of full resolution; the oracle
+    is the full-resolution decode put through the same chain (its own box reduction). (On real
+    radiographs the score moves by 0.005 on average: scripts/decode_agreement.py, docs/benchmarks.md;
+    this phantom is no radiograph, so its score is not compared.)"""
+    from pydicom.uid import UID
+
+    from triage.imaging.prepare import working_side
+    from triage.imaging.transforms import preprocess_of
+
+    repo = Path(__file__).resolve().parents[2]
+    model = json.loads((repo / "models/cxr-pneumonia-mnv2.json").read_text())
+    spec = InputSpec.from_dict(model["input"])
+    chain = build_transforms(preprocess_of(model), spec)
+    px = synth.phantom(2048, 2048, bits_stored=12, seed=4)
+    ds = synth.make_dataset(synth.SynthSpec(rows=2048, columns=2048, bits_stored=12), pixels=px)
+    if syntax:
+        ds.compress(UID(syntax))
+    reduced = load_dicom(ds, min_side=working_side(spec.size))
+    assert min(reduced.shape) == 512
+    full_x = np.asarray(chain(load_dicom(ds)), dtype=np.float32)
+    red_x = np.asarray(chain(reduced), dtype=np.float32)
+    assert red_x.shape == full_x.shape
+    assert float(np.abs(red_x - full_x).mean()) < 0.05  # the input is normalised: std about 1
+    assert float(np.corrcoef(red_x.ravel(), full_x.ravel())[0, 1]) > 0.995
+
+
+def test_the_percentile_window_matches_monais() -> None:
+    from monai.transforms import ScaleIntensityRangePercentiles
+
+    from triage.imaging.transforms import PercentileWindow
+
+    rng = np.random.default_rng(5)
+    for img in (rng.random((1, 300, 257)).astype(np.float32),
+                synth.phantom(512, 512).astype(np.float32)[None] * 3 - 7,
+                np.full((1, 64, 64), 0.25, dtype=np.float32)):
+        ours = PercentileWindow(0.5, 99.5, b_min=0.0, b_max=1.0, clip=True)(img)
+        theirs = ScaleIntensityRangePercentiles(0.5, 99.5, b_min=0.0, b_max=1.0, clip=True)(img)
+        np.testing.assert_allclose(np.asarray(ours), np.asarray(theirs), atol=1e-5)

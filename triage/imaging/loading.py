@@ -13,8 +13,8 @@ import numpy as np
 from PIL import Image, UnidentifiedImageError
 from pydicom.dataset import Dataset
 
-from dicom_io.header import read_header
-from dicom_io.pixels import PixelDecodeError, decode
+from dicom_io.header import Header, read_header
+from dicom_io.pixels import PixelDecodeError, decode, shrink
 from dicom_io.reading import read_dataset
 from triage.config import PreprocessConfig
 from triage.core.errors import UnscorableError
@@ -24,17 +24,21 @@ IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg"}
 _DEFAULT = PreprocessConfig()
 
 
-def load_dicom(ds: Dataset, cfg: PreprocessConfig = _DEFAULT) -> np.ndarray:
+def load_dicom(ds: Dataset, cfg: PreprocessConfig = _DEFAULT, min_side: int | None = None,
+               header: Header | None = None) -> np.ndarray:
     """Return the gated, decoded grey image of a DICOM dataset (float32, [0, 1]).
 
+    ``min_side``: the caller needs no more than this many pixels on the short
+    side, so large images are decoded reduced (:func:`dicom_io.pixels.decode`).
+    ``header``: the dataset's header when the caller has read it already.
     Raises UnscorableError with the gating or decoding reason.
     """
-    header = read_header(ds)
+    header = header if header is not None else read_header(ds)
     reason = gate_header(header, cfg.allowed_modalities, cfg.min_size_px)
     if reason is not None:
         raise UnscorableError(reason)
     try:
-        pixels = decode(ds)
+        pixels = decode(ds, min_side)
     except PixelDecodeError as e:
         raise UnscorableError(e.reason) from e
     reason = gate_pixels(pixels, cfg.min_size_px)
@@ -49,8 +53,10 @@ def _is_colour(arr: np.ndarray) -> bool:
     return bool(np.abs(rgb[..., 0] - rgb[..., 1]).max() > 8 or np.abs(rgb[..., 1] - rgb[..., 2]).max() > 8)
 
 
-def load_image(path: str | Path, cfg: PreprocessConfig = _DEFAULT) -> np.ndarray:
-    """Return a PNG or JPEG file as a gated float32 grey image in [0, 1].
+def load_image(path: str | Path, cfg: PreprocessConfig = _DEFAULT,
+               min_side: int | None = None) -> np.ndarray:
+    """Return a PNG or JPEG file as a gated float32 grey image in [0, 1] (box-averaged down
+    towards ``min_side`` pixels on the short side when given; see :func:`load_dicom`).
 
     Raises UnscorableError ("image cannot be decoded", "colour image", "image too small ...").
     """
@@ -70,7 +76,7 @@ def load_image(path: str | Path, cfg: PreprocessConfig = _DEFAULT) -> np.ndarray
     reason = gate_pixels(pixels, cfg.min_size_px)
     if reason is not None:
         raise UnscorableError(reason)
-    return pixels
+    return shrink(pixels, min_side)
 
 
 def is_image_file(path: str | Path) -> bool:
@@ -78,15 +84,17 @@ def is_image_file(path: str | Path) -> bool:
     return Path(path).suffix.lower() in IMAGE_SUFFIXES
 
 
-def load_any(path: str | Path, cfg: PreprocessConfig = _DEFAULT) -> np.ndarray:
-    """Return the gated grey image of an image file or a DICOM file.
+def load_any(path: str | Path, cfg: PreprocessConfig = _DEFAULT,
+             min_side: int | None = None) -> np.ndarray:
+    """Return the gated grey image of an image file or a DICOM file (see :func:`load_dicom`
+    for ``min_side``).
 
     Raises UnscorableError with a reason for unreadable, gated or undecodable input.
     """
     if is_image_file(path):
-        return load_image(path, cfg)
+        return load_image(path, cfg, min_side)
     try:
         ds = read_dataset(path)
     except PixelDecodeError as e:
         raise UnscorableError(e.reason) from e
-    return load_dicom(ds, cfg)
+    return load_dicom(ds, cfg, min_side)

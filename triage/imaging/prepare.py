@@ -55,10 +55,17 @@ def init(card: dict[str, Any], guard_card: dict[str, Any] | None = None) -> None
     one_thread()
 
     _STATE["pre"] = preprocess_of(card)
+    _STATE["work_px"] = working_side(InputSpec.from_dict(card["input"]).size)
     _STATE["chain"] = build_transforms(_STATE["pre"], InputSpec.from_dict(card["input"]),
                                        train=False)
     _STATE["guard"] = None if guard_card is None else build_transforms(
         preprocess_of(guard_card), InputSpec.from_dict(guard_card["input"]), train=False)
+
+
+def working_side(input_size: int) -> int:
+    """Return the short side images are decoded at: enough for the display copy and for the
+    chain's own reduction before the network's input size (twice that size)."""
+    return max(DISPLAY_PX, 2 * input_size)
 
 
 def metadata(path: str | Path, transfer_syntax: str | None = None) -> dict[str, Any]:
@@ -82,13 +89,16 @@ def display_copy(grey: np.ndarray, size: int = DISPLAY_PX) -> np.ndarray:
 
 
 def prepare(key: int, path: str, transfer_syntax: str | None = None) -> Prepared:
-    """Gate, decode and preprocess one file (after :func:`init`). Raises nothing."""
-    from triage.imaging.loading import load_any
+    """Gate, decode and preprocess one file (after :func:`init`). Raises nothing.
 
+    The file is parsed once, for its header and its pixels, and decoded reduced to
+    :func:`working_side` (see :func:`dicom_io.pixels.decode`): every later step,
+    the display copy and the MONAI chain included, works on that image.
+    """
     t0 = time.perf_counter()
-    out = Prepared(key, meta=metadata(path, transfer_syntax) if not _is_image(path) else {})
+    out = Prepared(key)
     try:
-        grey = load_any(path, _STATE["pre"])
+        grey = _load(out, path, transfer_syntax)
         out.x = np.asarray(_STATE["chain"](grey), dtype=np.float32)
         out.display = display_copy(grey)
         if _STATE.get("guard") is not None:
@@ -101,6 +111,27 @@ def prepare(key: int, path: str, transfer_syntax: str | None = None) -> Prepared
         out.reason = "the image could not be read (an unexpected decoding error)"
     out.seconds = time.perf_counter() - t0
     return out
+
+
+def _load(out: Prepared, path: str, transfer_syntax: str | None) -> np.ndarray:
+    """Return the gated grey image at the working side, filling ``out.meta`` from the same parse
+    (or, when the file cannot be parsed whole, from whatever header can be read)."""
+    from dicom_io.header import read_header
+    from dicom_io.pixels import PixelDecodeError
+    from dicom_io.reading import read_dataset
+    from triage.imaging.loading import load_dicom, load_image
+
+    side = _STATE["work_px"]
+    if _is_image(path):
+        return load_image(path, _STATE["pre"], side)
+    try:
+        ds = read_dataset(path)
+    except PixelDecodeError as e:
+        out.meta = metadata(path, transfer_syntax)
+        raise UnscorableError(e.reason) from e
+    header = read_header(ds, transfer_syntax)
+    out.meta = header.metadata()
+    return load_dicom(ds, _STATE["pre"], side, header)
 
 
 def guard_input(display: np.ndarray) -> np.ndarray:
