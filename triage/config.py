@@ -214,7 +214,7 @@ class StudiesConfig:
     """Grouping instances into studies."""
 
     quiet_period_s: float = 10.0
-    sweep_interval_s: float = 1.0
+    sweep_interval_s: float = 0.25
 
     def __post_init__(self) -> None:
         _check(self.quiet_period_s >= 0, "studies.quiet_period_s", "must be >= 0")

@@ -61,3 +61,38 @@ def test_a_hung_decoder_is_stopped_and_costs_only_its_own_job() -> None:
     assert out[1] == (1, timed_out(3))
     assert [out[0][:2], out[2][:2]] == [(0, 1), (2, 3)]
     assert again[0][:2] == (9, 9)
+
+
+def test_callers_in_several_threads_share_the_processes_and_a_crash_is_blamed_on_its_own_job() -> None:
+    import threading
+
+    results: dict[int, list[tuple[int, object]]] = {}
+
+    def call(who: int, jobs: list[tuple[int, int]]) -> None:
+        results[who] = [o[:2] for o in pool.map(jobs)]
+
+    with DecoderPool(2, _hang_or_job, _crashed, _init, (0,), timeout_s=30) as pool:
+        calls = [(w, [(w * 100 + k, w * 100 + k) for k in range(4)]) for w in range(1, 5)]
+        calls[1] = (2, [(200, 200), (201, -1), (202, 202)])  # thread 2 holds a job that crashes
+        threads = [threading.Thread(target=call, args=c) for c in calls]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(120)
+    assert results[2] == [(200, 200), (201, CRASHED), (202, 202)]
+    for w in (1, 3, 4):  # their jobs may have been retried alone, never blamed
+        assert results[w] == [(w * 100 + k, w * 100 + k) for k in range(4)]
+
+
+def test_start_runs_every_initialiser_before_the_first_job() -> None:
+    import time
+
+    with DecoderPool(2, _job, _crashed, _init, (7,)) as pool:
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline:  # the processes come up by themselves
+            procs = getattr(pool._pool, "_processes", None) or {}
+            if len(procs) == 2:
+                break
+            time.sleep(0.05)
+        assert len(procs) == 2
+        assert pool.map([(1, 1)])[0][:2] == (1, 8)

@@ -56,9 +56,10 @@ def overlay(grey: np.ndarray, heat: np.ndarray, alpha: float = ALPHA,
 
 
 def png_bytes(rgb: np.ndarray) -> bytes:
-    """Return an RGB array encoded as PNG."""
+    """Return an RGB array encoded as PNG, at zlib's fastest level (half the time of the
+    default for a 512-pixel overlay; the file is a few per cent larger)."""
     buf = io.BytesIO()
-    Image.fromarray(rgb).save(buf, format="PNG")
+    Image.fromarray(rgb).save(buf, format="PNG", compress_level=1)
     return buf.getvalue()
 
 

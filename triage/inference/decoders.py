@@ -11,7 +11,14 @@ this one pool with the same job functions.
 Processes are started with ``forkserver``, never forked from a process that
 holds the listener's threads and sockets, and each exits by itself once its
 parent is gone (after a ``kill -9`` nobody would tell it, and an orphaned
-decoder holds hundreds of MB).
+decoder holds hundreds of MB). :meth:`DecoderPool.start` starts every process
+and runs its initialiser (importing torch and MONAI takes seconds of CPU) at
+once, without waiting for them, rather than when the first study arrives.
+
+Several threads may call :meth:`DecoderPool.map` at once (the worker scores
+studies side by side). Their jobs share the processes; a deadline counts the
+jobs queued ahead; and the one-at-a-time retry after a crash or a timeout runs
+alone, so that a crash is only ever blamed on the job that caused it.
 """
 
 from __future__ import annotations
@@ -22,7 +29,7 @@ import os
 import threading
 import time
 from collections.abc import Callable, Sequence
-from concurrent.futures import Future, ProcessPoolExecutor, wait
+from concurrent.futures import CancelledError, Future, ProcessPoolExecutor, wait
 from concurrent.futures.process import BrokenProcessPool
 from typing import Any
 
@@ -46,6 +53,11 @@ def _exit_with(parent_pid: int, interval_s: float = 1.0) -> None:
             os._exit(0)
         except PermissionError:
             pass  # the pid exists under another user: the parent is alive
+
+
+def _ready() -> int:
+    """A job that does nothing: submitted once per process to start it early."""
+    return os.getpid()
 
 
 def _start(parent_pid: int | None, init: Callable[..., Any] | None, initargs: tuple[Any, ...]) -> None:
@@ -74,6 +86,10 @@ class DecoderPool:
         self.watch_parent = watch_parent
         self.timeout_s = timeout_s
         self._pool: ProcessPoolExecutor | None = None
+        # Held to submit, and for the whole of a one-at-a-time retry (see the module's docstring).
+        self._lock = threading.RLock()
+        self._count_lock = threading.Lock()
+        self._outstanding = 0  # jobs submitted and not finished
 
     def __enter__(self) -> DecoderPool:
         self.start()
@@ -83,9 +99,12 @@ class DecoderPool:
         self.close()
 
     def start(self) -> None:
-        """Start the worker processes (they start lazily otherwise)."""
-        if self._pool is None:
-            self._pool = self._new_pool()
+        """Start the worker processes now, each running its initialiser (without waiting)."""
+        with self._lock:
+            if self._pool is None:
+                self._pool = self._new_pool()
+                for _ in range(self.processes):  # one job per process starts them all
+                    self._pool.submit(_ready)
 
     def _new_pool(self) -> ProcessPoolExecutor:
         ctx = multiprocessing.get_context("forkserver")
@@ -108,21 +127,36 @@ class DecoderPool:
                 p.kill()
 
     def submit(self, args: Sequence[Any]) -> Future[Any]:
-        """Submit one job; its future may raise BrokenProcessPool."""
-        self.start()
-        assert self._pool is not None
-        return self._pool.submit(self.job, *args)
+        """Submit one job; its future may raise BrokenProcessPool (or CancelledError when
+        another caller's retry restarted the processes)."""
+        with self._lock:
+            if self._pool is None:
+                self.start()
+            assert self._pool is not None
+            f = self._pool.submit(self.job, *args)
+        with self._count_lock:
+            self._outstanding += 1
+        f.add_done_callback(self._finished)
+        return f
+
+    def _finished(self, _: Future[Any]) -> None:
+        with self._count_lock:
+            self._outstanding -= 1
 
     def map(self, jobs: Sequence[Sequence[Any]]) -> list[Any]:
         """Return each job's result, in order. Raises nothing for a crashed process."""
         if not jobs:
             return []
         try:
-            futures = [self.submit(j) for j in jobs]
+            with self._lock:
+                with self._count_lock:
+                    ahead = self._outstanding
+                futures = [self.submit(j) for j in jobs]
             if self.timeout_s is None:
                 return [f.result() for f in futures]
-            # Each image may take timeout_s of one process: the whole batch gets that many rounds.
-            rounds = -(-len(jobs) // self.processes)
+            # Each image may take timeout_s of one process: the jobs queued ahead and these
+            # get that many rounds.
+            rounds = -(-(ahead + len(jobs)) // self.processes)
             _, late = wait(futures, timeout=self.timeout_s * rounds)
             if not late:
                 return [f.result() for f in futures]
@@ -130,6 +164,14 @@ class DecoderPool:
                       "time", len(late), self.timeout_s * rounds)
         except BrokenProcessPool:
             log.error("a decoder process died; decoding these images one at a time")
+        except CancelledError:
+            log.warning("decoder processes were restarted meanwhile; decoding these images "
+                        "one at a time")
+        with self._lock:
+            return self._one_at_a_time(jobs)
+
+    def _one_at_a_time(self, jobs: Sequence[Sequence[Any]]) -> list[Any]:
+        """Run each job alone in fresh processes (the caller holds the lock)."""
         out = []
         for j in jobs:
             self._restart()
@@ -144,8 +186,14 @@ class DecoderPool:
         self._restart()
         return out
 
-    def close(self, wait: bool = True) -> None:
-        """Shut the processes down, cancelling what has not started."""
-        if self._pool is not None:
-            self._pool.shutdown(wait=wait, cancel_futures=True)
-            self._pool = None
+    def close(self, wait: bool = True, kill: bool = False) -> None:
+        """Shut the processes down, cancelling what has not started; with ``kill``, kill
+        them at once (for a caller whose jobs are all answered: a process may still be
+        starting)."""
+        with self._lock:
+            if self._pool is not None:
+                if kill:
+                    self._kill(self._pool)
+                else:
+                    self._pool.shutdown(wait=wait, cancel_futures=True)
+                self._pool = None

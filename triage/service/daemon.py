@@ -147,14 +147,20 @@ class Daemon:
     def _job_functions(self) -> dict[str, tuple[float, Any]]:
         quiet, wl = self.cfg.studies.quiet_period_s, self.cfg.worklist
         jobs: dict[str, tuple[float, Any]] = {
-            "complete-studies": (self.cfg.studies.sweep_interval_s,
-                                 lambda: self.store.complete_quiet_studies(quiet)),
+            "complete-studies": (self.cfg.studies.sweep_interval_s, lambda: self._complete(quiet)),
             "render-worklist": (wl.render_interval_s, self.pages.render_worklist),
             "drift-watch": (self.cfg.drift.interval_s, self.check_drift),
         }
         if wl.retention_days > 0:
             jobs["purge-reported"] = (wl.purge_interval_s, self.purge)
         return jobs
+
+    def _complete(self, quiet: float) -> list[int]:
+        """Complete the studies quiet for ``quiet`` seconds; the worker starts on them at once."""
+        ids = self.store.complete_quiet_studies(quiet)
+        if ids:
+            self.worker.wake()
+        return ids
 
     def check_drift(self) -> Any:
         """Run the drift watch now; returns its verdict. An alert shows on the next render."""

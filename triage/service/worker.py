@@ -27,6 +27,7 @@ import logging
 import threading
 import time
 from collections.abc import Callable
+from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -107,6 +108,7 @@ class ScoringWorker:
         # schedules a worklist render); it must return quickly.
         self.on_result: Callable[[int], Any] | None = None
         self._stop = threading.Event()
+        self._wake = threading.Event()  # set: look for complete studies now
         self._renewing = threading.Event()  # set: stop renewing claims
         self._thread: threading.Thread | None = None
         self._renewer: threading.Thread | None = None
@@ -114,8 +116,8 @@ class ScoringWorker:
         self._held_lock = threading.Lock()
 
     def start(self) -> None:
-        """Start the decoder pool, the worker thread and the thread that renews its claims."""
-        self.pool.start()
+        """Start the worker thread (it starts the decoder pool) and the thread that renews
+        its claims. Returns at once: the pool's first start imports torch and MONAI."""
         self._thread = threading.Thread(target=self._run, name="scoring-worker", daemon=True)
         self._thread.start()
         self._renewer = threading.Thread(target=self._renew_claims, name="claim-renewer",
@@ -130,6 +132,7 @@ class ScoringWorker:
     def stop(self) -> None:
         """Stop after the studies in hand; shut the pool down."""
         self._stop.set()
+        self._wake.set()
         if self._thread is not None:
             self._thread.join(timeout=120)
         # Renewed until the studies in hand are settled, so that no other daemon takes
@@ -137,21 +140,49 @@ class ScoringWorker:
         self._renewing.set()
         if self._renewer is not None:
             self._renewer.join(timeout=30)
-        self.pool.close()
+        # Every study in hand is settled: nothing the decoders do now is waited for.
+        self.pool.close(kill=True)
+
+    def wake(self) -> None:
+        """Look for complete studies now (the completion sweep has just marked some)."""
+        self._wake.set()
 
     def _run(self) -> None:
-        while not self._stop.is_set():
-            ids: list[int] = []
-            try:
-                ids = self.claim(self.cfg.worker.max_studies_in_flight)
-                if ids:
-                    self.score_isolated(ids)
-            except Exception:
-                log.exception("scoring worker iteration failed; retrying")
-            finally:
-                self._let_go(ids)
-            if not ids:
-                self._stop.wait(self.cfg.worker.poll_interval_s)
+        """Keep up to ``worker.max_studies_in_flight`` studies in hand, each scored in its own
+        thread (its images share the decoder processes with the others') and recorded as soon
+        as it is done: one slow study holds back nobody else's result."""
+        try:
+            self.pool.start()
+        except Exception:  # the first map starts it again, and says why
+            log.exception("could not start the decoder processes")
+        slots = self.cfg.worker.max_studies_in_flight
+        running: dict[Future[Any], int] = {}
+        with ThreadPoolExecutor(slots, thread_name_prefix="score-study") as studies:
+            while not self._stop.is_set():
+                self._wake.clear()
+                if len(running) < slots:
+                    try:
+                        for sid in self.claim(slots - len(running)):
+                            running[studies.submit(self._score_one, sid)] = sid
+                    except Exception:
+                        log.exception("claiming studies failed; retrying")
+                if running:
+                    done, _ = wait(list(running), timeout=self.cfg.worker.poll_interval_s,
+                                   return_when=FIRST_COMPLETED)
+                    for f in done:
+                        running.pop(f)
+                else:
+                    self._wake.wait(self.cfg.worker.poll_interval_s)
+            wait(list(running))  # the studies in hand are finished before the worker stops
+
+    def _score_one(self, study_id: int) -> None:
+        """Score one claimed study and let go of its claim if it was not settled."""
+        try:
+            self.score_isolated([study_id])
+        except Exception:
+            log.exception("scoring study #%d failed; it will be retried", study_id)
+        finally:
+            self._let_go([study_id])
 
     def claim(self, limit: int) -> list[int]:
         """Claim up to ``limit`` complete studies waiting for a result (and not waiting out a
@@ -164,10 +195,11 @@ class ScoringWorker:
 
     def _let_go(self, ids: list[int]) -> None:
         """Release claims the round did not settle (a changed study, a crashed round)."""
+        with self._held_lock:
+            ids = [i for i in ids if i in self._held]  # a settled study's claim is cleared
+            self._held.difference_update(ids)
         if not ids:
             return
-        with self._held_lock:
-            self._held.difference_update(ids)
         try:
             leases.release(self.store, self.node, ids)
         except Exception:  # they run out by themselves
