@@ -202,7 +202,8 @@ class StoreScp:
         s = self.settings
         # Received data sets go to a temporary file as they arrive, not into memory
         # (pynetdicom's chunked receive); the handler checks the size, then streams
-        # the file into the spool. pynetdicom deletes the file after the handler.
+        # the file into the spool (or links it there: Spool.adopt). pynetdicom deletes
+        # its name for the file after the handler.
         _pnd_config.STORE_RECV_CHUNKED_DATASET = True
         ae = _GatedAE(ae_title=s.ae_title)
         ae.require_called_aet = True
@@ -357,7 +358,7 @@ class StoreScp:
             raise Refusal(status.UNREADABLE, f"data set cannot be parsed: {type(e).__name__}: {e}") from e
         del ds  # only the header goes on; the bytes are streamed from the file
         try:
-            entry = self.spool.write_file(header.study_uid, header.sop_instance_uid, path)
+            entry = self.spool.adopt(header.study_uid, header.sop_instance_uid, path)
         except SpoolError as e:
             code = status.OUT_OF_RESOURCES if e.out_of_space else status.UNEXPECTED
             raise Refusal(code, str(e)) from e

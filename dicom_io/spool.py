@@ -5,6 +5,10 @@ Layout under the spool root (no header value ever reaches a path; only digests d
     .tmp/<random>.part                         being written, never acknowledged
     <ss>/<study-key>/<sop-key>_<content16>.dcm  durable, acknowledged
 
+A received file that already lies on the spool's file system (the listener's
+temp file) is not copied: its data is synced where it was written and it gets
+its durable name by a hard link (:meth:`Spool.adopt`).
+
 ``ss`` is the first two hex digits of the study key, to keep directories small.
 The content digest in the name makes a byte-identical resend land on the same
 path (idempotent) and a changed resend land beside the old version, which is
@@ -52,6 +56,11 @@ class SpoolEntry:
     sha256: str
     size: int
     existed: bool  # True when a byte-identical copy was already durable
+
+
+def _datasync(fd: int) -> None:
+    """Make a file's data (and its size) durable; its times need not be."""
+    (getattr(os, "fdatasync", None) or os.fsync)(fd)
 
 
 def _fsync_dir(path: Path) -> None:
@@ -133,6 +142,48 @@ class Spool:
 
         return self._commit(study_uid, sop_uid, sha.hexdigest(), size, blocks)
 
+    def adopt(self, study_uid: str, sop_uid: str, source: Path,
+              chunk: int = 1 << 20) -> SpoolEntry:
+        """Durably keep the received file ``source`` in the spool, as :meth:`write_file` does,
+        but without copying it when it lies on the spool's file system: its data is synced
+        where it was written as it arrived, and a hard link gives it its durable name
+        (atomically, like the rename; the caller's name for it may then go). Elsewhere (a
+        temp directory on another file system) it is copied by :meth:`write_file`.
+        """
+        try:
+            same_fs = os.stat(source).st_dev == os.stat(self.tmp).st_dev
+        except OSError:
+            same_fs = False
+        if not same_fs:
+            return self.write_file(study_uid, sop_uid, source, chunk)
+        sha = hashlib.sha256()
+        size = 0
+        try:
+            with open(source, "rb") as fh:
+                while block := fh.read(chunk):
+                    sha.update(block)
+                    size += len(block)
+                if self.fsync:
+                    _datasync(fh.fileno())
+            digest = sha.hexdigest()
+            final = self.path_for(study_uid, sop_uid, digest)
+            rel = final.relative_to(self.root).as_posix()
+            if final.exists() and final.stat().st_size == size:
+                return SpoolEntry(final, rel, digest, size, existed=True)
+            self._ensure_dir(final.parent)
+            try:
+                os.link(source, final)
+            except FileExistsError:  # the same bytes, kept meanwhile by another daemon
+                return SpoolEntry(final, rel, digest, size, existed=True)
+            if self.fsync:
+                _fsync_dir(final.parent)
+        except OSError as e:
+            if e.errno in (errno.EPERM, errno.EXDEV, errno.EMLINK, errno.ENOTSUP):
+                return self.write_file(study_uid, sop_uid, source, chunk)  # no hard links here
+            full = e.errno in (errno.ENOSPC, errno.EDQUOT)
+            raise SpoolError(f"spool write failed: {e.strerror or e}", out_of_space=full) from e
+        return SpoolEntry(final, rel, digest, size, existed=False)
+
     def _write_tmp(self, tmp: Path, data: bytes | Iterable[bytes]) -> None:
         """Write ``data`` (bytes, or blocks of them) to a new file ``tmp``, fsynced if set."""
         fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)  # the daemon's user only
@@ -143,7 +194,7 @@ class Spool:
                     n = os.write(fd, view)
                     view = view[n:]
             if self.fsync:
-                os.fsync(fd)
+                _datasync(fd)
         finally:
             os.close(fd)
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -62,3 +63,33 @@ def test_enospc_is_reported_as_out_of_space_and_leaves_nothing(tiny_fs: Path) ->
         spool.write("1.2", "1.2.7", os.urandom(4 * 2**20))
     assert e.value.out_of_space
     assert list(spool.files()) == [] and list(spool.tmp.iterdir()) == []
+
+
+def test_a_received_file_on_the_spools_file_system_is_linked_not_copied(tmp_path: Path) -> None:
+    spool = Spool(tmp_path / "spool")
+    received = tmp_path / "received.dcm"
+    received.write_bytes(b"DICM" + bytes(range(256)) * 64)
+    entry = spool.adopt("1.2.3", "1.2.3.4", received)
+    assert not entry.existed and entry.sha256 == hashlib.sha256(received.read_bytes()).hexdigest()
+    assert entry.path.stat().st_ino == received.stat().st_ino  # the same file: no copy
+    received.unlink()  # what the listener does after the handler
+    assert entry.path.read_bytes() == b"DICM" + bytes(range(256)) * 64
+    again = tmp_path / "again.dcm"
+    again.write_bytes(entry.path.read_bytes())
+    assert spool.adopt("1.2.3", "1.2.3.4", again).existed
+    assert list(spool.files()) == [entry.path] and list(spool.tmp.iterdir()) == []
+
+
+def test_a_received_file_on_another_file_system_is_copied(tmp_path: Path) -> None:
+    shm = Path("/dev/shm")
+    if not shm.is_dir() or shm.stat().st_dev == tmp_path.stat().st_dev:
+        pytest.skip("no /dev/shm on another file system than the test's temp directory")
+    spool = Spool(tmp_path / "spool")
+    received = Path(tempfile.mkstemp(dir=shm, suffix=".dcm")[1])
+    try:
+        received.write_bytes(b"DICM" + b"x" * 5000)
+        entry = spool.adopt("1.2.3", "1.2.3.5", received)
+        assert entry.path.stat().st_ino != received.stat().st_ino
+        assert entry.path.read_bytes() == received.read_bytes()
+    finally:
+        received.unlink()

@@ -16,6 +16,7 @@ import shutil
 import signal
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -23,7 +24,7 @@ import pytest
 from tests import synth
 from tests.conftest import free_port, model_for_tests, port_open, send, wait_for
 
-TRACED = "fsync,fdatasync,rename,renameat,renameat2,write,pwrite64,sendto,sendmsg"
+TRACED = "fsync,fdatasync,rename,renameat,renameat2,link,linkat,write,pwrite64,sendto,sendmsg"
 LINE = re.compile(r"^(\d+)\s+(\w+)\((.*)$")
 
 
@@ -52,9 +53,22 @@ def _first(calls: list[tuple[int, str, str]], start: int, pred) -> int:  # type:
     raise AssertionError("expected system call not found in the trace")
 
 
-def test_fsync_rename_dirsync_commit_then_response(tmp_path: Path) -> None:
+@pytest.mark.parametrize("receive_dir", ["spool's file system", "another file system"])
+def test_fsync_rename_dirsync_commit_then_response(tmp_path: Path, receive_dir: str) -> None:
+    """The listener receives into a temp file. On the spool's file system that file is synced
+    and linked to its durable name; elsewhere it is copied to a spool temp file, which is
+    synced and renamed. Either way the order below holds."""
     if shutil.which("strace") is None:
         pytest.fail("strace is not installed (scripts/system-deps.sh installs it)")
+    env = dict(os.environ)
+    received = Path(tempfile.gettempdir())
+    if receive_dir == "another file system":
+        received = Path("/dev/shm")
+        if not received.is_dir() or received.stat().st_dev == tmp_path.stat().st_dev:
+            pytest.skip("no /dev/shm on another file system than the test's temp directory")
+        env["TMPDIR"] = str(received)
+    elif received.stat().st_dev != tmp_path.stat().st_dev:
+        pytest.skip("the temp directory is on another file system than the test's data")
     port, web = free_port(), free_port()
     data = tmp_path / "var"
     cfg = tmp_path / "c.toml"
@@ -67,7 +81,7 @@ def test_fsync_rename_dirsync_commit_then_response(tmp_path: Path) -> None:
     proc = subprocess.Popen(["strace", "-f", "-qq", "-yy", "-s", "300", "-e", f"trace={TRACED}",
                              "-o", str(log), sys.executable, "-m", "triage", "serve",
                              "--config", str(cfg)],
-                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, env=env)
     try:
         wait_for(lambda: port_open(port) and port_open(web) or proc.poll() is not None,
                  timeout=180)
@@ -81,13 +95,16 @@ def test_fsync_rename_dirsync_commit_then_response(tmp_path: Path) -> None:
 
     calls = _calls(log)
     spool_tmp = str(data / "spool" / ".tmp")
-    # 1. The temp file's content is synced.
-    i_fsync = _first(calls, 0, lambda t, c, a: c in ("fsync", "fdatasync")
-                     and f"<{spool_tmp}/" in a and ".part>" in a)
+    # 1. The temp file's content is synced: the spool's own temp file, or the received one.
+    linked = receive_dir == "spool's file system"
+    temp_file = (lambda a: f"<{received}/" in a and ".dcm>" in a) if linked else \
+        (lambda a: f"<{spool_tmp}/" in a and ".part>" in a)
+    i_fsync = _first(calls, 0, lambda t, c, a: c in ("fsync", "fdatasync") and temp_file(a))
     handler = calls[i_fsync][0]
-    # 2. Then renamed to its durable name, by the same thread.
-    i_rename = _first(calls, i_fsync, lambda t, c, a: t == handler and c.startswith("rename")
-                      and ".part\"" in a and ".dcm\"" in a)
+    # 2. Then given its durable name (a hard link, or a rename), by the same thread.
+    named = ("link", "linkat") if linked else ("rename", "renameat", "renameat2")
+    i_rename = _first(calls, i_fsync, lambda t, c, a: t == handler and c in named
+                      and ".dcm\"" in a and f"{data / 'spool'}/" in a)
     target = re.findall(r'"([^"]+\.dcm)"', calls[i_rename][2])[-1]
     directory = os.path.dirname(target)
     # 3. Then the directory that now names it is synced.
