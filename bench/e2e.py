@@ -3,19 +3,24 @@
 Sends N single-image studies of 2048x2048 12-bit DX with DCMTK storescu to a
 fresh `triage serve` (shipped model, durable ingest, decoder processes), and
 measures until the last result is stored. Two scenarios run in one go:
-uncompressed only, and a mix of uncompressed, JPEG 2000 and JPEG-LS.
+uncompressed only, and a mix of uncompressed, JPEG 2000 and JPEG-LS. By default
+the studies arrive in one burst (throughput); with ``--rate`` they arrive one
+association at a time at that many studies per second (latency under a steady
+load, the figure that matters in a reading room).
 
 Prints studies/s end to end, p50/p95 latency from study completion to result,
 mean time per stage, and the ratio of end-to-end throughput to the bare ingest
 throughput measured in the same run (the time storescu took to send).
 
-    .venv/bin/python bench/e2e.py [--studies 40] [--size 2048] [--quiet 2]
+    .venv/bin/python bench/e2e.py [--studies 40] [--size 2048] [--quiet 2] [--rate 5] [--profile DIR]
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
+import signal
 import sqlite3
 import statistics
 import subprocess
@@ -58,7 +63,43 @@ def build(out: Path, n: int, size: int, mixed: bool) -> dict[str, list[Path]]:
     return groups
 
 
-def run(groups: dict[str, list[Path]], work: Path, quiet: float, model: str | None) -> dict[str, float]:
+def _tree_cpu(pid: int) -> float:
+    """CPU seconds used so far by ``pid`` and its descendants (from /proc)."""
+    total, todo = 0.0, [pid]
+    tick = os.sysconf("SC_CLK_TCK")
+    while todo:
+        p = todo.pop()
+        try:
+            fields = Path(f"/proc/{p}/stat").read_text().rsplit(")", 1)[1].split()
+            total += (int(fields[11]) + int(fields[12])) / tick
+            for task in Path(f"/proc/{p}/task").iterdir():
+                todo += [int(c) for c in (task / "children").read_text().split()]
+        except (OSError, IndexError, ValueError):
+            continue
+    return total
+
+
+def wait_idle(pid: int, timeout: float = 120.0) -> None:
+    """Wait until the daemon's process tree uses under 5 % of a core over a second."""
+    deadline = time.time() + timeout
+    last = _tree_cpu(pid)
+    while time.time() < deadline:
+        time.sleep(1.0)
+        now = _tree_cpu(pid)
+        if now - last < 0.05:
+            return
+        last = now
+
+
+def _send(port: int, ts: str, files: list[Path]) -> None:
+    r = subprocess.run(["storescu", "-aet", "STORESCU", "-aec", "TRIAGE", *FLAGS[ts],
+                        "127.0.0.1", str(port), *map(str, files)], capture_output=True, text=True)
+    if r.returncode != 0 or "Store Failed" in r.stderr:
+        raise RuntimeError(r.stderr[-400:])
+
+
+def run(groups: dict[str, list[Path]], work: Path, quiet: float, model: str | None,
+        profile: Path | None = None, rate: float | None = None) -> dict[str, float]:
     data, port = work / "var", free_port()
     cfg = work / "e2e.toml"
     cfg.write_text(f'[dicom]\nport = {port}\n[web]\nport = {free_port()}\n'
@@ -66,19 +107,33 @@ def run(groups: dict[str, list[Path]], work: Path, quiet: float, model: str | No
                    f'[studies]\nquiet_period_s = {quiet}\nsweep_interval_s = 0.1\n'
                    '[worker]\nprocesses = 2\npoll_interval_s = 0.05\n'
                    '[logging]\nlevel = "WARNING"\n'
+                   # The synthetic phantom is no child's radiograph: the guard runs and
+                   # warns but lets it through, so every study is scored with its heatmap.
+                   '[guard]\npopulation_from_image = "warn"\nout_of_distribution = "warn"\n'
+                   'population_header = "warn"\n'
                    + (f'[model]\npath = "{model}"\n' if model else ""))
     proc = subprocess.Popen([str(REPO / ".venv/bin/triage"), "serve", "--config", str(cfg)],
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     n = sum(len(v) for v in groups.values())
     try:
         wait_port(port, timeout=120)
-        time.sleep(3)  # let the decoder processes finish importing before the clock starts
+        wait_idle(proc.pid)  # the decoder processes import torch and MONAI as the daemon starts
+        spy = None
+        if profile is not None:  # sample the daemon and its decoder processes (collapsed stacks)
+            spy = subprocess.Popen([str(REPO / ".venv/bin/py-spy"), "record", "--pid", str(proc.pid),
+                                    "--subprocesses", "--rate", "100", "--format", "raw",
+                                    "-o", str(profile)], stdout=subprocess.DEVNULL,
+                                   stderr=subprocess.DEVNULL)
+            time.sleep(1)
         t0 = time.time()
-        for ts, files in groups.items():
-            r = subprocess.run(["storescu", "-aet", "STORESCU", "-aec", "TRIAGE", *FLAGS[ts],
-                                "127.0.0.1", str(port), *map(str, files)], capture_output=True, text=True)
-            if r.returncode != 0 or "Store Failed" in r.stderr:
-                raise RuntimeError(r.stderr[-400:])
+        if rate is None:  # a burst: each transfer syntax's files over one association
+            for ts, files in groups.items():
+                _send(port, ts, files)
+        else:  # steady arrival: one study (one association) every 1/rate seconds
+            for i, (ts, f) in enumerate(sorted(((ts, f) for ts, fs in groups.items() for f in fs),
+                                               key=lambda tf: tf[1].name)):
+                time.sleep(max(0.0, t0 + i / rate - time.time()))
+                _send(port, ts, [f])
         t_ingest = time.time()
         db = data / "triage.sqlite"
         while True:
@@ -90,6 +145,9 @@ def run(groups: dict[str, list[Path]], work: Path, quiet: float, model: str | No
                 raise RuntimeError(f"only {done} of {n} results after 30 min")
             time.sleep(0.05)
         t_end = time.time()
+        if spy is not None:
+            spy.send_signal(signal.SIGINT)
+            spy.wait(60)
         with sqlite3.connect(db) as c:
             rows = c.execute("SELECT r.created_at, s.completed_at, s.last_received_at, r.timings, r.state "
                              "FROM results r JOIN studies s ON s.id = r.study_id").fetchall()
@@ -117,13 +175,21 @@ def main() -> int:
     ap.add_argument("--quiet", type=float, default=2.0, help="studies.quiet_period_s for the run")
     ap.add_argument("--model", default=None, help="ONNX model (default: the shipped one)")
     ap.add_argument("--cache", type=Path, default=Path(tempfile.gettempdir()) / "triage-bench-e2e")
+    ap.add_argument("--rate", type=float, default=None,
+                    help="steady arrival: send one study every 1/RATE s (default: one burst)")
+    ap.add_argument("--profile", type=Path, default=None,
+                    help="write py-spy collapsed stacks of the daemon per scenario into this folder")
     args = ap.parse_args()
+    if args.profile is not None:
+        args.profile.mkdir(parents=True, exist_ok=True)
     for name, mixed in (("uncompressed", False), ("mixed raw/J2K/JPEG-LS", True)):
         groups = build(args.cache / f"{'mix' if mixed else 'raw'}-{args.size}", args.studies, args.size, mixed)
         with tempfile.TemporaryDirectory(dir=args.cache) as tmp:
-            r = run(groups, Path(tmp), args.quiet, args.model)
+            prof = None if args.profile is None else args.profile / f"{'mix' if mixed else 'raw'}.txt"
+            r = run(groups, Path(tmp), args.quiet, args.model, prof, args.rate)
+        arrival = "in one burst" if args.rate is None else f"arriving steadily at {args.rate:g} studies/s"
         print(f"\n== {name}: {r['n']} single-image studies, {args.size}x{args.size} 12-bit, "
-              f"quiet period {args.quiet} s ({r['scored']} scored)")
+              f"{arrival}, quiet period {args.quiet} s ({r['scored']} scored)")
         print(f"end to end       {r['e2e_studies_s']:6.2f} studies/s (quiet period subtracted once)")
         print(f"bare ingest      {r['ingest_studies_s']:6.2f} studies/s (storescu send time)")
         print(f"ratio e2e/ingest {r['e2e_studies_s'] / r['ingest_studies_s']:6.2f}")
