@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import signal
 import sqlite3
 import statistics
@@ -35,7 +34,7 @@ sys.path.insert(0, str(REPO))
 import numpy as np  # noqa: E402
 from pydicom.uid import ExplicitVRLittleEndian, JPEG2000Lossless, JPEGLSLossless  # noqa: E402
 
-from bench.ingest import free_port, wait_port  # noqa: E402
+from bench.ingest import free_port, wait_idle, wait_port  # noqa: E402
 from tests import synth  # noqa: E402
 
 FLAGS = {ExplicitVRLittleEndian: (), JPEG2000Lossless: ("-R", "-xv"), JPEGLSLossless: ("-R", "-xt")}
@@ -61,34 +60,6 @@ def build(out: Path, n: int, size: int, mixed: bool) -> dict[str, list[Path]]:
             synth.write(ds, p)
         groups.setdefault(ts, []).append(p)
     return groups
-
-
-def _tree_cpu(pid: int) -> float:
-    """CPU seconds used so far by ``pid`` and its descendants (from /proc)."""
-    total, todo = 0.0, [pid]
-    tick = os.sysconf("SC_CLK_TCK")
-    while todo:
-        p = todo.pop()
-        try:
-            fields = Path(f"/proc/{p}/stat").read_text().rsplit(")", 1)[1].split()
-            total += (int(fields[11]) + int(fields[12])) / tick
-            for task in Path(f"/proc/{p}/task").iterdir():
-                todo += [int(c) for c in (task / "children").read_text().split()]
-        except (OSError, IndexError, ValueError):
-            continue
-    return total
-
-
-def wait_idle(pid: int, timeout: float = 120.0) -> None:
-    """Wait until the daemon's process tree uses under 5 % of a core over a second."""
-    deadline = time.time() + timeout
-    last = _tree_cpu(pid)
-    while time.time() < deadline:
-        time.sleep(1.0)
-        now = _tree_cpu(pid)
-        if now - last < 0.05:
-            return
-        last = now
 
 
 def _send(port: int, ts: str, files: list[Path]) -> None:

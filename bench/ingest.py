@@ -12,6 +12,7 @@ writes files without fsync, so the comparison is conservative for triage.
 from __future__ import annotations
 
 import argparse
+import os
 import shutil
 import socket
 import statistics
@@ -66,6 +67,34 @@ def wait_port(port: int, timeout: float = 60) -> None:
     raise RuntimeError(f"nothing listening on {port}")
 
 
+def _tree_cpu(pid: int) -> float:
+    """CPU seconds used so far by ``pid`` and its descendants (from /proc)."""
+    total, todo = 0.0, [pid]
+    tick = os.sysconf("SC_CLK_TCK")
+    while todo:
+        p = todo.pop()
+        try:
+            fields = Path(f"/proc/{p}/stat").read_text().rsplit(")", 1)[1].split()
+            total += (int(fields[11]) + int(fields[12])) / tick
+            for task in Path(f"/proc/{p}/task").iterdir():
+                todo += [int(c) for c in (task / "children").read_text().split()]
+        except (OSError, IndexError, ValueError):
+            continue
+    return total
+
+
+def wait_idle(pid: int, timeout: float = 120.0) -> None:
+    """Wait until the daemon's process tree uses under 5 % of a core over a second."""
+    deadline = time.time() + timeout
+    last = _tree_cpu(pid)
+    while time.time() < deadline:
+        time.sleep(1.0)
+        now = _tree_cpu(pid)
+        if now - last < 0.05:
+            return
+        last = now
+
+
 def send(port: int, called: str, files: list[Path]) -> float:
     """Send every file over one association; return wall seconds."""
     t0 = time.perf_counter()
@@ -105,6 +134,7 @@ def run_triage(files: list[Path], work: Path, fsync: bool = True) -> float:
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
         wait_port(port)
+        wait_idle(proc.pid)  # the decoder processes import torch and MONAI as the daemon starts
         dt = send(port, "TRIAGE", files)
     finally:
         proc.terminate()
