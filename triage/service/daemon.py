@@ -218,6 +218,7 @@ def build_daemon(cfg: Config) -> Daemon:
     model = load_model(cfg)
     profile = load_site_profile(cfg, model)
     guard = load_guard(cfg.guard, model.card)
+    prototypes = load_prototypes(cfg, model)
     # worker.tier_overrides against the model's tiers: a misspelt or inverted one stops here.
     applied_thresholds(model.thresholds, profile, cfg.worker.tier_overrides)
     st = cfg.storage
@@ -241,7 +242,7 @@ def build_daemon(cfg: Config) -> Daemon:
     if lock is not None:
         lock.acquire()
     try:
-        return _wire(cfg, model, profile, guard, lock)
+        return _wire(cfg, model, profile, guard, lock, prototypes)
     except BaseException:
         if lock is not None:
             lock.release()
@@ -262,7 +263,7 @@ def open_store(cfg: Config) -> Store:
 
 
 def _wire(cfg: Config, model: OnnxModel, profile: SiteProfile | None, guard: Any,
-          lock: DataDirLock | None) -> Daemon:
+          lock: DataDirLock | None, prototypes: Any = None) -> Daemon:
     st = cfg.storage
     try:
         spool = Spool(st.spool_dir, fsync=st.fsync, min_free_bytes=st.min_free_mb * 2**20)
@@ -274,7 +275,8 @@ def _wire(cfg: Config, model: OnnxModel, profile: SiteProfile | None, guard: Any
     metrics = Metrics(store)
     sender = OutboxSender(cfg.results, store, st.root,
                           gate=None if leader is None else lambda: leader.held)
-    worker = ScoringWorker(cfg, store, model, st.root, profile=profile, guard=guard, node=node)
+    worker = ScoringWorker(cfg, store, model, st.root, profile=profile, guard=guard, node=node,
+                           prototypes=prototypes)
     pages = Pages(store, st.root / "www", model_info(worker), cfg.worklist,
                   gate=None if leader is None else lambda: leader.held)
     scp = StoreScp(scp_settings(cfg), spool, CountingRecorder(store, metrics))
@@ -313,6 +315,19 @@ def load_site_profile(cfg: Config, model: OnnxModel) -> SiteProfile | None:
     profile = read_profile(path, str(model.card.get("sha256", "")))
     log.info("operating points from %s", profile.source)
     return profile
+
+
+def load_prototypes(cfg: Config, model: OnnxModel) -> Any:
+    """Read ``model.prototypes`` if set (None otherwise). Raises ConfigError naming the path
+    when it cannot be read, is damaged, or was made for another model."""
+    from triage.inference.prototypes import load_for, summary
+
+    path = cfg.model.prototypes_path
+    if path is None:
+        return None
+    protos = load_for(path, model)
+    log.info("few-shot prototypes from %s: %s", path, summary(protos))
+    return protos
 
 
 def serve(cfg: Config) -> int:

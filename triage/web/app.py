@@ -77,6 +77,12 @@ def build_app(pages: Any, data_root: Path, web: WebConfig, ops: Ops | None = Non
             return PlainTextResponse("404 Not Found: no such study\n", status_code=404)
         return HTMLResponse(html, headers=no_store)
 
+    def api_study(request: Request) -> Response:
+        doc = pages.study_json(request.path_params["study_id"])
+        if doc is None:
+            return JSONResponse({"error": "no such study"}, status_code=404, headers=no_store)
+        return JSONResponse(doc, headers=no_store)
+
     def history(request: Request) -> Response:
         return HTMLResponse(pages.history_page(request.query_params.get("q", "")), headers=no_store)
 
@@ -117,6 +123,7 @@ def build_app(pages: Any, data_root: Path, web: WebConfig, ops: Ops | None = Non
     routes = [
         Route("/", worklist), Route("/favicon.ico", favicon), Route("/api/worklist", api_worklist),
         Route("/study/{study_id:int}", study), Route("/history", history),
+        Route("/api/study/{study_id:int}", api_study),
         Route("/files/{path:path}", files),
         Route("/study/{study_id:int}/report", report, methods=["POST"]),
         Route("/study/{study_id:int}/unreport", unreport, methods=["POST"]),

@@ -188,6 +188,19 @@ class ImageView:
     view_position: str | None
     rows: int | None
     columns: int | None
+    # The nearest few-shot prototype and its distance (None: off or unscored); never a tier.
+    prototype_class: str | None = None
+    prototype_distance: float | None = None
+
+    def to_json(self) -> dict[str, Any]:
+        """Return the image as ``/api/study/ID`` lists it."""
+        from triage.inference.prototypes import as_finding
+
+        return {"instance_id": self.instance_id, "probability": self.probability,
+                "tier": self.tier, "reason": self.reason, "view_position": self.view_position,
+                "rows": self.rows, "columns": self.columns,
+                "heatmap": f"/files/{self.heatmap}" if self.heatmap else None,
+                "prototype": as_finding(self.prototype_class, self.prototype_distance)}
 
 
 def study_detail(store: Any, study_id: int) -> dict[str, Any] | None:
@@ -207,7 +220,8 @@ def study_detail(store: Any, study_id: int) -> dict[str, Any] | None:
             q = (select(ImageResult).where(ImageResult.result_id == results[0].id)
                  .order_by(ImageResult.id))
             images = [ImageView(ir.instance_id, ir.probability, priority(ir.probability, thresholds),
-                                ir.reason, ir.heatmap_path, ir.view_position, ir.rows, ir.columns)
+                                ir.reason, ir.heatmap_path, ir.view_position, ir.rows, ir.columns,
+                                ir.prototype_class, ir.prototype_distance)
                       for ir in s.scalars(q)]
         events = list(s.scalars(select(StudyEvent).where(StudyEvent.study_id == study_id)
                                 .order_by(StudyEvent.at.desc(), StudyEvent.id.desc())))
@@ -283,6 +297,20 @@ class Pages:
             return None
         return self.env.get_template("study.html").render(now=self.clock(), **detail,
                                                           **self._banner())
+
+    def study_json(self, study_id: int) -> dict[str, Any] | None:
+        """Return what ``/api/study/ID`` answers (the study's tier and its latest result's
+        images, each with its prototype finding), or None when there is no such study."""
+        detail = study_detail(self.store, study_id)
+        if detail is None:
+            return None
+        r, results = detail["row"], detail["results"]
+        return {"study_id": r.study_id, "accession_number": r.accession_number,
+                "state": r.state, "tier": r.tier, "probability": r.probability,
+                "version": results[0].version if results else None,
+                "model": f"{results[0].model_name} {results[0].model_sha256[:12]}"
+                if results else None,
+                "images": [im.to_json() for im in detail["images"]]}
 
     def history_page(self, query: str = "") -> str:
         """Return the history page's HTML: reported studies, newest report first, searchable."""
