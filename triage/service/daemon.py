@@ -21,6 +21,7 @@ from triage.inference.guard import load_guard
 from triage.inference.model import OnnxModel
 from triage.profile import SiteProfile, applied_thresholds, drift_reference, read_profile
 from triage.service.datadir import DataDirLock, check_ports
+from triage.service.explain import Explainer
 from triage.service.health import CONTENT_TYPE as METRICS_CONTENT_TYPE
 from triage.service.health import CountingRecorder, Metrics, health
 from triage.service.jobs import Jobs
@@ -181,6 +182,8 @@ class Daemon:
         """Stop accepting associations and requests, finish those in flight, stop the jobs."""
         self.scp.stop(drain_timeout_s)
         self.web.stop()
+        if self.pages.explainer is not None:
+            self.pages.explainer.close()
         self.worker.stop()
         self.sender.stop()
         self.jobs.stop()
@@ -279,6 +282,7 @@ def _wire(cfg: Config, model: OnnxModel, profile: SiteProfile | None, guard: Any
                            prototypes=prototypes)
     pages = Pages(store, st.root / "www", model_info(worker), cfg.worklist,
                   gate=None if leader is None else lambda: leader.held)
+    pages.explainer = Explainer(st.root, model.path, dict(model.card))  # LIME on demand
     scp = StoreScp(scp_settings(cfg), spool, CountingRecorder(store, metrics))
     ops = Ops(health=lambda: daemon.health(), metrics=metrics.text,
               metrics_content_type=METRICS_CONTENT_TYPE)

@@ -108,6 +108,15 @@ def build_app(pages: Any, data_root: Path, web: WebConfig, ops: Ops | None = Non
             return JSONResponse({"study_id": sid, "reported": reported})
         return RedirectResponse("/" if reported else f"/study/{sid}", status_code=303)
 
+    def lime(request: Request) -> Response:
+        sid, iid = request.path_params["study_id"], request.path_params["instance_id"]
+        state = pages.request_lime(sid, iid)
+        if state is None:
+            return PlainTextResponse("404 Not Found: no such scored image\n", status_code=404)
+        if "application/json" in request.headers.get("accept", ""):
+            return JSONResponse({"study_id": sid, "instance_id": iid, "lime": state})
+        return RedirectResponse(f"/study/{sid}#image-{iid}", status_code=303)
+
     def healthz(request: Request) -> Response:
         assert ops is not None
         ok, detail = ops.health()
@@ -127,6 +136,7 @@ def build_app(pages: Any, data_root: Path, web: WebConfig, ops: Ops | None = Non
         Route("/files/{path:path}", files),
         Route("/study/{study_id:int}/report", report, methods=["POST"]),
         Route("/study/{study_id:int}/unreport", unreport, methods=["POST"]),
+        Route("/study/{study_id:int}/image/{instance_id:int}/lime", lime, methods=["POST"]),
     ]
     if ops is not None:
         routes += [Route("/healthz", healthz), Route("/metrics", metrics)]
