@@ -53,7 +53,8 @@ def _few_shot(args: argparse.Namespace, cfg: Any) -> int:
                              Path(args.adult_manifest) if args.adult_manifest else None, budget)
     tasks = tuple(dataclasses.replace(t, n_query=args.queries) for t in fewshot.TASKS)
     rows = fewshot.run(card, model_path, data, preprocess_of(card), budget, encoders, tasks)
-    settings = fewshot.settings_of(budget, data, _command_line(args), device_name(),
+    device = f"{device_name().rsplit(',', 1)[0]}, {budget.threads} torch threads"
+    settings = fewshot.settings_of(budget, data, _command_line(args), device,
                                    (time.monotonic() - t0) / 60, tasks)
     out_json = args.json or "docs/benchmarks-fewshot.json"
     fewshot.write_reports(rows, settings, args.docs, out_json)

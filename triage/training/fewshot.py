@@ -450,6 +450,9 @@ def run(card: Mapping[str, Any], model_path: Path, data: Data, pre: Any, budget:
                    for s, its in eval_sets.items() if its}
             record["input_size"] = int(card["input"]["size"])
         else:
+            # prepare.init (the shipped encoder) and the image cache set one thread per
+            # process; training and embedding get the budget's.
+            torch.set_num_threads(budget.threads)
             if key == "untrained_mobilenet_v2":
                 torch.manual_seed(budget.seed)
                 net = build_encoder("mobilenet_v2")
@@ -458,6 +461,7 @@ def run(card: Mapping[str, Any], model_path: Path, data: Data, pre: Any, budget:
                 net, info = train_encoder(key, data.train, images("train"), train_rest, budget)
                 record.update(info)
             emb = {s: embed_torch(net, images(s), rest) for s, its in eval_sets.items() if its}
+            record["torch_threads"] = torch.get_num_threads()
             record["input_size"] = budget.input_size
         record["tasks"] = _evaluate_all(emb, data, tasks, budget)
         record["seconds"] = time.monotonic() - t0
@@ -508,9 +512,11 @@ def render_section(rows: Sequence[Mapping[str, Any]], settings: Mapping[str, Any
              "class from the file name): episodes from the `holdout` part of the patient-level "
              "split made again from the shipped card's seed and fractions (sha256 "
              f"`{settings['split_sha256'][:12]}`, the card's), which no encoder was trained on. "
-             f"Holdout: {_counts(c['holdout'])}.",
+             f"Holdout: {_counts(c['holdout'])}. The split takes `personN` as one patient "
+             "whether the file says bacteria or virus (many numbers carry both), so an episode "
+             "never puts one person number on both sides.",
              "- Adult COVID-19 against adult normal (" + ADULT_CITATION + "; `val` split, "
-             f"{b['adult_per_class']} images per class drawn at random; {_counts(c['adult val'])}). "
+             f"{b['adult_per_class']} images per class drawn at random; {_counts(c['adult val'], False)}). "
              "**The two classes come from different hospitals** (normals from the RSNA/NIH "
              "collection, COVID-19 from several others), so this accuracy measures a hospital "
              "shortcut as much as disease; the set names no patients, so each image counts as its "
@@ -530,7 +536,11 @@ def render_section(rows: Sequence[Mapping[str, Any]], settings: Mapping[str, Any
         train = r.get("train_seconds")
         lines.append(f"| {NAMES.get(r['encoder'], r['encoder'])} | " + " | ".join(cells)
                      + f" | {'–' if not train else f'{train / 60:.1f} min'} |")
-    lines += ["", "Chance is 0.333 for 3-way and 0.500 for 2-way episodes. Device: "
+    lines += ["", "Chance is 0.333 for 3-way and 0.500 for 2-way episodes. The interval is "
+              "over episodes drawn from these holdout images; it includes neither the variation "
+              "another set of holdout patients would bring nor that between training runs "
+              "(a rerun with another thread count moved a trained row's figures by up to 0.08). "
+              "Device: "
               f"{settings['device']}; wall time of the whole run {settings['wall_minutes']:.1f} min "
               "(on cores shared with other jobs).", "",
               "Regenerate (writes this section and the JSON):", "", "```sh",
@@ -538,9 +548,9 @@ def render_section(rows: Sequence[Mapping[str, Any]], settings: Mapping[str, Any
     return "\n".join(lines)
 
 
-def _counts(c: Mapping[str, int]) -> str:
+def _counts(c: Mapping[str, int], patients: bool = True) -> str:
     parts = [f"{v} {k}" for k, v in c.items() if k != "patients"]
-    return ", ".join(parts) + f" images, {c.get('patients', 0)} patients"
+    return ", ".join(parts) + " images" + (f", {c.get('patients', 0)} patients" if patients else "")
 
 
 def write_reports(rows: Sequence[Mapping[str, Any]], settings: Mapping[str, Any],
