@@ -240,6 +240,7 @@ class ModelConfig:
     card: str = ""
     threads: int = 2
     site_profile: str = ""
+    prototypes: str = ""
 
     def __post_init__(self) -> None:
         _check(bool(self.path), "model.path", "must not be empty")
@@ -263,6 +264,14 @@ class ModelConfig:
         A relative path is resolved against the working directory.
         """
         return Path(self.site_profile).expanduser() if self.site_profile else None
+
+    @property
+    def prototypes_path(self) -> Path | None:
+        """The few-shot prototype file (``triage adapt``), or None when the finding is off.
+
+        A relative path is resolved against the working directory.
+        """
+        return Path(self.prototypes).expanduser() if self.prototypes else None
 
     @property
     def card_path(self) -> Path:

@@ -13,7 +13,7 @@ from sqlalchemy import text
 from triage.store import database as dbm
 from triage.store import schema as db
 
-HEAD = "0012"
+HEAD = "0013"
 
 
 @pytest.fixture(params=["sqlite", "postgresql"])
@@ -104,3 +104,34 @@ def test_daemons_starting_together_migrate_once(pg_url: str) -> None:
     errors = [p.communicate(timeout=120)[1] for p in procs if p.wait(120) != 0]
     assert errors == []
     assert dbm.current_revision(dbm.make_engine(pg_url)) == HEAD
+
+
+def test_prototype_revision_keeps_image_results_with_no_finding(target: Path | str) -> None:
+    engine = dbm.make_engine(target)
+    dbm.upgrade(engine, "0012")
+    with engine.begin() as c:
+        c.execute(text("INSERT INTO studies (study_uid, state, version, n_instances, attempts,"
+                       " first_received_at, last_received_at) VALUES ('1.2.7', 'scored', 1, 1, 0,"
+                       " 1, 2)"))
+        c.execute(text("INSERT INTO instances (study_id, sop_instance_uid, sop_class_uid, series_uid,"
+                       " transfer_syntax, relpath, sha256, size, received_at)"
+                       " VALUES (1, '1.2.7.4', '1.2.840.10008.5.1.4.1.1.1', '1.2.7.5',"
+                       " '1.2.840.10008.1.2.1', 'aa/x.dcm', 'ff', 10, 1.5)"))
+        c.execute(text("INSERT INTO results (study_id, version, state, probability, tier,"
+                       " model_name, model_sha256, thresholds, timings, created_at)"
+                       " VALUES (1, 1, 'scored', 0.7, 'abnormal', 'm', 'ab', '{}', '{}', 3.0)"))
+        c.execute(text("INSERT INTO image_results (result_id, instance_id, probability, scored_at)"
+                       " VALUES (1, 1, 0.7, 3.0)"))
+    dbm.upgrade(engine)
+    assert dbm.current_revision(engine) == HEAD
+    with engine.begin() as c:
+        assert c.execute(text("SELECT probability, prototype_class, prototype_distance"
+                              " FROM image_results")).all() == [(0.7, None, None)]
+        c.execute(text("UPDATE image_results SET prototype_class = 'virus',"
+                       " prototype_distance = 0.25"))
+    dbm.downgrade(engine, "0012")
+    with engine.connect() as c:
+        assert c.execute(text("SELECT probability FROM image_results")).all() == [(0.7,)]
+    dbm.upgrade(engine)
+    with engine.connect() as c:
+        assert c.execute(text("SELECT prototype_class FROM image_results")).all() == [(None,)]

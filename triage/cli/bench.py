@@ -10,8 +10,10 @@ import dataclasses
 import logging
 import shlex
 import sys
+from typing import Any
 
 from triage.cli.common import SubParsers, config_args, load_config, setup_logging
+from triage.core.errors import InputError
 
 log = logging.getLogger(__name__)
 
@@ -24,11 +26,50 @@ def _command_line(args: argparse.Namespace) -> str:
     return "python -m triage " + " ".join(shlex.quote(a) for a in argv)
 
 
+def _few_shot(args: argparse.Namespace, cfg: Any) -> int:
+    """``benchmark --few-shot``: episodes on the shipped split's holdout (docs/few-shot.md)."""
+    import json
+    import time
+    from pathlib import Path
+
+    from triage.imaging.transforms import preprocess_of
+    from triage.training import fewshot
+    from triage.training.benchmark import device_name
+
+    t0 = time.monotonic()
+    model_path = Path(args.model) if args.model else cfg.model.onnx_path
+    card = json.loads((model_path.with_suffix(".json") if args.model else cfg.model.card_path)
+                      .read_text())
+    budget = fewshot.Budget(input_size=args.size, train_episodes=args.train_episodes,
+                            eval_episodes=args.episodes, threads=args.threads,
+                            adult_per_class=args.adult_per_class,
+                            **({"seed": args.seed} if args.seed is not None else {}))
+    encoders = fewshot.ENCODERS if args.encoders == "all" else tuple(
+        e.strip() for e in args.encoders.split(",") if e.strip())
+    unknown = [e for e in encoders if e not in fewshot.ENCODERS]
+    if unknown:
+        raise InputError(f"unknown encoder {unknown[0]!r}; choose from {', '.join(fewshot.ENCODERS)}")
+    data = fewshot.load_data(card, Path(args.manifest), Path(args.data) if args.data else None,
+                             Path(args.adult_manifest) if args.adult_manifest else None, budget)
+    tasks = tuple(dataclasses.replace(t, n_query=args.queries) for t in fewshot.TASKS)
+    rows = fewshot.run(card, model_path, data, preprocess_of(card), budget, encoders, tasks)
+    device = f"{device_name().rsplit(',', 1)[0]}, {budget.threads} torch threads"
+    settings = fewshot.settings_of(budget, data, _command_line(args), device,
+                                   (time.monotonic() - t0) / 60, tasks)
+    out_json = args.json or "docs/benchmarks-fewshot.json"
+    fewshot.write_reports(rows, settings, args.docs, out_json)
+    log.info("wrote %s, %s", args.docs, out_json)
+    return 0
+
+
 def _benchmark(args: argparse.Namespace) -> int:
     from triage.training import benchmark, train
 
     cfg = load_config(args)
     setup_logging(cfg.logging.level)
+    if args.few_shot:
+        return _few_shot(args, cfg)
+    args.json = args.json or "docs/benchmarks.json"
     keys = benchmark.parse_archs(args.archs)
     budget = benchmark.Budget(input_size=args.size, epochs=args.epochs,
                               train_limit=args.train_limit, max_steps=args.max_steps,
@@ -79,9 +120,33 @@ def add(sub: SubParsers) -> None:
     p.add_argument("--calib-images", type=int, default=32, metavar="N",
                    help="training images for int8 calibration")
     p.add_argument("--docs", metavar="MD", default="docs/benchmarks.md")
-    p.add_argument("--json", metavar="JSON", default="docs/benchmarks.json")
+    p.add_argument("--json", metavar="JSON",
+                   help="results (default docs/benchmarks.json; docs/benchmarks-fewshot.json "
+                        "with --few-shot)")
     p.add_argument("--chart", metavar="PNG", default="docs/benchmarks-architectures.png")
     p.add_argument("--no-chart", action="store_true", help="skip the PNG chart")
     p.add_argument("--force", action="store_true", help="re-run finished architectures")
+    f = p.add_argument_group("few-shot (docs/few-shot.md)")
+    f.add_argument("--few-shot", action="store_true",
+                   help="instead: N-way K-shot prototype episodes on the shipped model's holdout "
+                        "patients (normal / bacterial / viral; adult COVID-19 / normal with "
+                        "--adult-manifest), for the shipped embedding and encoders trained as "
+                        "prototypical networks on the train patients; writes the 'Few-shot' "
+                        "section of --docs")
+    f.add_argument("--adult-manifest", metavar="CSV",
+                   help="cxr-adult-224's manifest.csv (its val split; optional)")
+    f.add_argument("--encoders", metavar="LIST", default="all",
+                   help="comma-separated: shipped, untrained_mobilenet_v2, mobilenet_v2, "
+                        "squeezenet1_1, efficientnet_lite0 (default all)")
+    f.add_argument("--model", metavar="ONNX", help="the model whose embedding and split to use "
+                   "(default: model.path; its card beside it)")
+    f.add_argument("--train-episodes", type=int, default=300, metavar="N",
+                   help="training episodes per trained encoder (default 300)")
+    f.add_argument("--episodes", type=int, default=600, metavar="N",
+                   help="evaluation episodes per task (default 600)")
+    f.add_argument("--queries", type=int, default=15, metavar="N",
+                   help="query images per class in each evaluation episode (default 15)")
+    f.add_argument("--adult-per-class", type=int, default=300, metavar="N",
+                   help="adult val images per class (default 300)")
     p.set_defaults(func=_benchmark)
 

@@ -26,11 +26,19 @@ class FileScore:
     probability: float | None
     tier: str
     reason: str | None
+    # (nearest class, distance) with --prototypes: beside the tier, never part of it.
+    prototype: tuple[str, float] | None = None
 
-    def to_dict(self) -> dict[str, Any]:
-        """Return the JSON-ready form with keys path, probability, tier, reason."""
-        return {"path": self.path, "probability": self.probability, "tier": self.tier,
-                "reason": self.reason}
+    def to_dict(self, prototypes: bool = False) -> dict[str, Any]:
+        """Return the JSON-ready form with keys path, probability, tier, reason (and, with
+        ``prototypes``, prototype: {"class", "distance"} or None when unscored)."""
+        out: dict[str, Any] = {"path": self.path, "probability": self.probability,
+                               "tier": self.tier, "reason": self.reason}
+        if prototypes:
+            from triage.inference.prototypes import as_finding
+
+            out["prototype"] = as_finding(*(self.prototype or (None, None)))
+        return out
 
 
 def iter_inputs(paths: Iterable[str | Path]) -> Iterator[Path]:
@@ -42,15 +50,18 @@ def iter_inputs(paths: Iterable[str | Path]) -> Iterator[Path]:
             yield p
 
 
-def score_file(path: str | Path, model: Any, batch_size: int = 1, guard: Any = None) -> FileScore:
+def score_file(path: str | Path, model: Any, batch_size: int = 1, guard: Any = None,
+               prototypes: Any = None) -> FileScore:
     """Score one file; every expected failure becomes an "unscored" :class:`FileScore`.
 
     Call :func:`triage.imaging.prepare.init` with the model's card (and the
-    guard's) first. ``guard`` judges the image as the daemon's does. Raises
+    guard's) first. ``guard`` judges the image as the daemon's does; with
+    ``prototypes`` the nearest one is looked up as the daemon does. Raises
     nothing for unreadable, gated, refused or undecodable inputs.
     """
     from triage.core.tiers import UNSCORED, priority
     from triage.imaging.prepare import prepare
+    from triage.inference.prototypes import annotate
     from triage.inference.scoring import infer
 
     prepared = prepare(0, str(path))
@@ -58,8 +69,10 @@ def score_file(path: str | Path, model: Any, batch_size: int = 1, guard: Any = N
         guard.judge([prepared])
     if prepared.x is None:
         return FileScore(str(path), None, UNSCORED, prepared.reason)
-    p = infer(model, [prepared], batch_size)[0].probability
-    return FileScore(str(path), p, priority(p, model.thresholds), prepared.reason)
+    s = annotate(prototypes, infer(model, [prepared], batch_size,
+                                   embeddings=prototypes is not None))[0]
+    return FileScore(str(path), s.probability, priority(s.probability, model.thresholds),
+                     prepared.reason, s.prototype)
 
 
 def _score(args: argparse.Namespace) -> int:
@@ -74,6 +87,11 @@ def _score(args: argparse.Namespace) -> int:
                                  args.card or (None if args.model else cfg.model.card_path),
                                  cfg.model.threads)
     guard = None if args.no_guard else load_guard(cfg.guard, model.card)
+    protos = None
+    if args.prototypes:
+        from triage.inference.prototypes import load_for
+
+        protos = load_for(args.prototypes, model)
     init(model.card, guard.input_card if guard is not None else None)
     missing = 0
     for path in iter_inputs(args.paths):
@@ -81,14 +99,15 @@ def _score(args: argparse.Namespace) -> int:
             missing += 1
             print(f"triage score: {path}: no such file or directory", file=sys.stderr)
             continue
-        r = score_file(path, model, guard=guard)
+        r = score_file(path, model, guard=guard, prototypes=protos)
         if args.json:
-            print(json.dumps(r.to_dict()), flush=True)
+            print(json.dumps(r.to_dict(protos is not None)), flush=True)
         elif r.probability is None:
             print(f"{r.path}\tunscored: {r.reason}", flush=True)
         else:
             note = f"\t{r.reason}" if r.reason else ""
-            print(f"{r.path}\t{r.probability:.4f}\t{r.tier}{note}", flush=True)
+            near = f"\tnearest {r.prototype[0]} ({r.prototype[1]:.3f})" if r.prototype else ""
+            print(f"{r.path}\t{r.probability:.4f}\t{r.tier}{near}{note}", flush=True)
     return 1 if missing else 0
 
 
@@ -103,6 +122,9 @@ def add(sub: SubParsers) -> None:
                    help="one JSON object per input: path, probability, tier, reason")
     p.add_argument("--model", metavar="ONNX", help="model file (default: model.path)")
     p.add_argument("--card", metavar="JSON", help="model card (default: the model's .json)")
+    p.add_argument("--prototypes", metavar="FILE",
+                   help="few-shot prototypes (`triage adapt`): add each image's nearest class "
+                        "and distance, an extra finding that never changes the tier")
     p.add_argument("--no-guard", action="store_true",
                    help="skip the input guard (docs/guard.md): score images the daemon would refuse")
     p.set_defaults(func=_score)

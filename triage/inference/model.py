@@ -110,3 +110,28 @@ class OnnxModel:
         """Return (probabilities, CAMs) for a prepared batch."""
         prob, _, cam = self.session.run(list(OUTPUT_NAMES), {INPUT_NAME: batch.astype(np.float32)})
         return prob, cam
+
+    @property
+    def has_embedding(self) -> bool:
+        """Whether the graph gives its pooled features (an ``embedding`` output)."""
+        return "embedding" in {o.name for o in self.session.get_outputs()}
+
+    @property
+    def embedding_dim(self) -> int | None:
+        """The embedding's width (1,280 for the shipped model), or None without one."""
+        for o in self.session.get_outputs():
+            if o.name == "embedding" and isinstance(o.shape[-1], int):
+                return int(o.shape[-1])
+        return None
+
+    def predict_embedded(self, batch: np.ndarray) -> tuple[np.ndarray, np.ndarray | None,
+                                                           np.ndarray]:
+        """Return (probabilities, CAMs, embeddings) for a prepared batch, from one run.
+
+        Raises InputError when the model has no ``embedding`` output.
+        """
+        if not self.has_embedding:
+            raise InputError(f"model {self.path} has no 'embedding' output")
+        prob, _, cam, emb = self.session.run(list(ALL_OUTPUTS),
+                                             {INPUT_NAME: batch.astype(np.float32)})
+        return prob, cam, emb

@@ -21,6 +21,7 @@ from triage.inference.guard import load_guard
 from triage.inference.model import OnnxModel
 from triage.profile import SiteProfile, applied_thresholds, drift_reference, read_profile
 from triage.service.datadir import DataDirLock, check_ports
+from triage.service.explain import Explainer
 from triage.service.health import CONTENT_TYPE as METRICS_CONTENT_TYPE
 from triage.service.health import CountingRecorder, Metrics, health
 from triage.service.jobs import Jobs
@@ -187,6 +188,8 @@ class Daemon:
         """Stop accepting associations and requests, finish those in flight, stop the jobs."""
         self.scp.stop(drain_timeout_s)
         self.web.stop()
+        if self.pages.explainer is not None:
+            self.pages.explainer.close()
         self.worker.stop()
         self.sender.stop()
         self.jobs.stop()
@@ -224,6 +227,7 @@ def build_daemon(cfg: Config) -> Daemon:
     model = load_model(cfg)
     profile = load_site_profile(cfg, model)
     guard = load_guard(cfg.guard, model.card)
+    prototypes = load_prototypes(cfg, model)
     # worker.tier_overrides against the model's tiers: a misspelt or inverted one stops here.
     applied_thresholds(model.thresholds, profile, cfg.worker.tier_overrides)
     st = cfg.storage
@@ -247,7 +251,7 @@ def build_daemon(cfg: Config) -> Daemon:
     if lock is not None:
         lock.acquire()
     try:
-        return _wire(cfg, model, profile, guard, lock)
+        return _wire(cfg, model, profile, guard, lock, prototypes)
     except BaseException:
         if lock is not None:
             lock.release()
@@ -268,7 +272,7 @@ def open_store(cfg: Config) -> Store:
 
 
 def _wire(cfg: Config, model: OnnxModel, profile: SiteProfile | None, guard: Any,
-          lock: DataDirLock | None) -> Daemon:
+          lock: DataDirLock | None, prototypes: Any = None) -> Daemon:
     st = cfg.storage
     try:
         spool = Spool(st.spool_dir, fsync=st.fsync, min_free_bytes=st.min_free_mb * 2**20)
@@ -280,9 +284,11 @@ def _wire(cfg: Config, model: OnnxModel, profile: SiteProfile | None, guard: Any
     metrics = Metrics(store)
     sender = OutboxSender(cfg.results, store, st.root,
                           gate=None if leader is None else lambda: leader.held)
-    worker = ScoringWorker(cfg, store, model, st.root, profile=profile, guard=guard, node=node)
+    worker = ScoringWorker(cfg, store, model, st.root, profile=profile, guard=guard, node=node,
+                           prototypes=prototypes)
     pages = Pages(store, st.root / "www", model_info(worker), cfg.worklist,
                   gate=None if leader is None else lambda: leader.held)
+    pages.explainer = Explainer(st.root, model.path, dict(model.card))  # LIME on demand
     scp = StoreScp(scp_settings(cfg), spool, CountingRecorder(store, metrics))
     ops = Ops(health=lambda: daemon.health(), metrics=metrics.text,
               metrics_content_type=METRICS_CONTENT_TYPE)
@@ -319,6 +325,19 @@ def load_site_profile(cfg: Config, model: OnnxModel) -> SiteProfile | None:
     profile = read_profile(path, str(model.card.get("sha256", "")))
     log.info("operating points from %s", profile.source)
     return profile
+
+
+def load_prototypes(cfg: Config, model: OnnxModel) -> Any:
+    """Read ``model.prototypes`` if set (None otherwise). Raises ConfigError naming the path
+    when it cannot be read, is damaged, or was made for another model."""
+    from triage.inference.prototypes import load_for, summary
+
+    path = cfg.model.prototypes_path
+    if path is None:
+        return None
+    protos = load_for(path, model)
+    log.info("few-shot prototypes from %s: %s", path, summary(protos))
+    return protos
 
 
 def serve(cfg: Config) -> int:

@@ -39,9 +39,11 @@ from triage.config import Config
 from triage.core import tiers
 from triage.imaging import prepare
 from triage.imaging.prepare import Prepared
+from triage.inference import prototypes as protos_mod
 from triage.inference.decoders import DecoderPool
 from triage.inference.guard import Guard
 from triage.inference.model import Model
+from triage.inference.prototypes import Prototypes
 from triage.inference.scoring import ImageScore, infer
 from triage.profile import SiteProfile, applied_thresholds, thresholds_source
 from triage.store import leases, outbox
@@ -87,8 +89,11 @@ class ScoringWorker:
 
     def __init__(self, cfg: Config, store: Any, model: Model, data_root: Path,
                  pool: DecoderPool | None = None, profile: SiteProfile | None = None,
-                 guard: Guard | None = None, node: str | None = None) -> None:
+                 guard: Guard | None = None, node: str | None = None,
+                 prototypes: Prototypes | None = None) -> None:
         self.cfg, self.store, self.model = cfg, store, model
+        # Few-shot prototypes (model.prototypes): an extra finding per image, never the tier.
+        self.prototypes = prototypes
         # Our name in study claims (several daemons may share the database).
         self.node = node or leases.node_id()
         self.profile, self.guard = profile, guard
@@ -307,7 +312,9 @@ class ScoringWorker:
         t_decode = time.perf_counter()
         if self.guard is not None:
             self.guard.judge(list(prepared.values()))
-        scores = infer(self.model, list(prepared.values()), self.cfg.worker.batch_size)
+        scores = infer(self.model, list(prepared.values()), self.cfg.worker.batch_size,
+                       embeddings=self.prototypes is not None)
+        scores = protos_mod.annotate(self.prototypes, scores)  # the finding; probabilities kept
         t_infer = time.perf_counter()
         out: dict[int, int | None] = {}
         for sid, (version, study_uid, js) in work.items():
@@ -394,7 +401,8 @@ class ScoringWorker:
             s.add(res)
             rows = [ImageResult(result=res, instance_id=im.key, probability=probs.get(im.key),
                                 reason=im.reason, heatmap_path=files.get(im.key), scored_at=now,
-                                **{k: im.meta.get(k) for k in IMAGE_META})
+                                **{k: im.meta.get(k) for k in IMAGE_META},
+                                **protos_mod.columns(scores.get(im.key)))
                     for im in sorted(images, key=lambda im: im.key)]
             s.add_all(rows)
             outbox.plan(s, res, rows, self.wants, now)

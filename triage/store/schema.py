@@ -186,6 +186,10 @@ class ImageResult(Base):
     transfer_syntax: Mapped[str | None] = mapped_column(String(64))
     patient_age_years: Mapped[float | None] = mapped_column(Float)
     scored_at: Mapped[float] = mapped_column(Float, nullable=False, index=True)
+    # The nearest few-shot prototype (model.prototypes) and the distance to it: an
+    # extra finding shown beside the score, never used for the tier.
+    prototype_class: Mapped[str | None] = mapped_column(String(64))
+    prototype_distance: Mapped[float | None] = mapped_column(Float)
     result: Mapped[Result] = relationship(back_populates="images")
 
 

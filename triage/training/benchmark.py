@@ -464,15 +464,16 @@ def render_section(rows: Sequence[dict[str, Any]], settings: dict[str, Any],
     return "\n".join(lines)
 
 
-def merge_section(existing: str | None, section: str) -> str:
-    """Return ``existing`` with its ``## Architectures`` section replaced by ``section`` (pure).
+def merge_section(existing: str | None, section: str, heading: str = SECTION) -> str:
+    """Return ``existing`` with its ``heading`` section (default ``## Architectures``) replaced
+    by ``section`` (pure).
 
     A missing file gets a ``# Benchmarks`` title; a missing section is appended.
     Other sections are left as they are.
     """
     text = existing if existing and existing.strip() else "# Benchmarks\n"
     lines = text.splitlines()
-    start = next((i for i, ln in enumerate(lines) if ln.strip() == SECTION), None)
+    start = next((i for i, ln in enumerate(lines) if ln.strip() == heading), None)
     if start is None:
         return text.rstrip("\n") + "\n\n" + section.rstrip("\n") + "\n"
     end = next((i for i in range(start + 1, len(lines)) if lines[i].startswith("## ")

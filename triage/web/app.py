@@ -77,6 +77,12 @@ def build_app(pages: Any, data_root: Path, web: WebConfig, ops: Ops | None = Non
             return PlainTextResponse("404 Not Found: no such study\n", status_code=404)
         return HTMLResponse(html, headers=no_store)
 
+    def api_study(request: Request) -> Response:
+        doc = pages.study_json(request.path_params["study_id"])
+        if doc is None:
+            return JSONResponse({"error": "no such study"}, status_code=404, headers=no_store)
+        return JSONResponse(doc, headers=no_store)
+
     def history(request: Request) -> Response:
         return HTMLResponse(pages.history_page(request.query_params.get("q", "")), headers=no_store)
 
@@ -102,6 +108,15 @@ def build_app(pages: Any, data_root: Path, web: WebConfig, ops: Ops | None = Non
             return JSONResponse({"study_id": sid, "reported": reported})
         return RedirectResponse("/" if reported else f"/study/{sid}", status_code=303)
 
+    def lime(request: Request) -> Response:
+        sid, iid = request.path_params["study_id"], request.path_params["instance_id"]
+        state = pages.request_lime(sid, iid)
+        if state is None:
+            return PlainTextResponse("404 Not Found: no such scored image\n", status_code=404)
+        if "application/json" in request.headers.get("accept", ""):
+            return JSONResponse({"study_id": sid, "instance_id": iid, "lime": state})
+        return RedirectResponse(f"/study/{sid}#image-{iid}", status_code=303)
+
     def healthz(request: Request) -> Response:
         assert ops is not None
         ok, detail = ops.health()
@@ -117,9 +132,11 @@ def build_app(pages: Any, data_root: Path, web: WebConfig, ops: Ops | None = Non
     routes = [
         Route("/", worklist), Route("/favicon.ico", favicon), Route("/api/worklist", api_worklist),
         Route("/study/{study_id:int}", study), Route("/history", history),
+        Route("/api/study/{study_id:int}", api_study),
         Route("/files/{path:path}", files),
         Route("/study/{study_id:int}/report", report, methods=["POST"]),
         Route("/study/{study_id:int}/unreport", unreport, methods=["POST"]),
+        Route("/study/{study_id:int}/image/{instance_id:int}/lime", lime, methods=["POST"]),
     ]
     if ops is not None:
         routes += [Route("/healthz", healthz), Route("/metrics", metrics)]

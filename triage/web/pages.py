@@ -11,6 +11,7 @@ autoescaping.
 from __future__ import annotations
 
 import base64
+import dataclasses
 import hashlib
 import json
 import logging
@@ -40,7 +41,7 @@ from triage.core.worklist import (
 from triage.files import write_atomic
 from triage.store import outbox
 from triage.store import schema as db
-from triage.store.schema import Alert, ImageResult, Result, Study, StudyEvent
+from triage.store.schema import Alert, ImageResult, Instance, Result, Study, StudyEvent
 
 log = logging.getLogger(__name__)
 DISCLAIMER = "Not for diagnostic use: triage aid"
@@ -188,6 +189,26 @@ class ImageView:
     view_position: str | None
     rows: int | None
     columns: int | None
+    # The nearest few-shot prototype and its distance (None: off or unscored); never a tier.
+    prototype_class: str | None = None
+    prototype_distance: float | None = None
+    # The LIME overlay beside the Grad-CAM one: ready (with its path), computing, failed
+    # (with the reason), or None when nobody asked; "off" when the daemon has no explainer.
+    lime_state: str | None = "off"
+    lime: str | None = None
+    lime_reason: str | None = None
+
+    def to_json(self) -> dict[str, Any]:
+        """Return the image as ``/api/study/ID`` lists it."""
+        from triage.inference.prototypes import as_finding
+
+        return {"instance_id": self.instance_id, "probability": self.probability,
+                "tier": self.tier, "reason": self.reason, "view_position": self.view_position,
+                "rows": self.rows, "columns": self.columns,
+                "heatmap": f"/files/{self.heatmap}" if self.heatmap else None,
+                "prototype": as_finding(self.prototype_class, self.prototype_distance),
+                "lime": {"state": self.lime_state, "reason": self.lime_reason,
+                         "url": f"/files/{self.lime}" if self.lime else None}}
 
 
 def study_detail(store: Any, study_id: int) -> dict[str, Any] | None:
@@ -207,7 +228,8 @@ def study_detail(store: Any, study_id: int) -> dict[str, Any] | None:
             q = (select(ImageResult).where(ImageResult.result_id == results[0].id)
                  .order_by(ImageResult.id))
             images = [ImageView(ir.instance_id, ir.probability, priority(ir.probability, thresholds),
-                                ir.reason, ir.heatmap_path, ir.view_position, ir.rows, ir.columns)
+                                ir.reason, ir.heatmap_path, ir.view_position, ir.rows, ir.columns,
+                                ir.prototype_class, ir.prototype_distance)
                       for ir in s.scalars(q)]
         events = list(s.scalars(select(StudyEvent).where(StudyEvent.study_id == study_id)
                                 .order_by(StudyEvent.at.desc(), StudyEvent.id.desc())))
@@ -233,6 +255,8 @@ class Pages:
         self.csp_hashes = asset_hashes(self.env)
         # One render at a time: a slower, older render must not rename over a newer one.
         self._lock = threading.Lock()
+        # LIME on demand (triage.service.explain.Explainer); None: not offered.
+        self.explainer: Any = None
 
     @property
     def worklist_html(self) -> Path:
@@ -277,12 +301,78 @@ class Pages:
         return True
 
     def study_page(self, study_id: int) -> str | None:
-        """Return the study page's HTML, or None when there is no such study."""
-        detail = study_detail(self.store, study_id)
+        """Return the study page's HTML, or None when there is no such study.
+
+        While a LIME explanation is computing the page reloads itself every few seconds.
+        """
+        detail = self._with_lime(study_detail(self.store, study_id))
         if detail is None:
             return None
+        computing = any(im.lime_state == "computing" for im in detail["images"])
         return self.env.get_template("study.html").render(now=self.clock(), **detail,
+                                                          refresh_s=3 if computing else 0,
                                                           **self._banner())
+
+    def _with_lime(self, detail: dict[str, Any] | None) -> dict[str, Any] | None:
+        """Return ``detail`` with each scored image's LIME state (unchanged without an explainer)."""
+        if detail is None or self.explainer is None or not detail["results"]:
+            return detail
+        from triage.service.explain import lime_relpath
+
+        study, version = detail["study"], detail["results"][0].version
+        images = []
+        for im in detail["images"]:
+            if im.probability is None:
+                images.append(dataclasses.replace(im, lime_state=None))
+                continue
+            rel = lime_relpath(study.study_uid, im.instance_id, version)
+            state, reason = self.explainer.state(rel)
+            images.append(dataclasses.replace(im, lime_state=state, lime_reason=reason,
+                                              lime=rel if state == "ready" else None))
+        return {**detail, "images": images}
+
+    def request_lime(self, study_id: int, instance_id: int) -> str | None:
+        """Ask for the LIME explanation of a scored image of the study's latest result; return
+        its state, or None when the study has no such scored image (or LIME is off)."""
+        if self.explainer is None:
+            return None
+        from triage.service.explain import Target, lime_relpath
+
+        with self.store.read() as s:
+            study = s.get(Study, study_id)
+            res = s.scalar(select(Result).where(Result.study_id == study_id)
+                           .order_by(Result.version.desc()).limit(1))
+            if study is None or res is None:
+                return None
+            row = s.execute(select(ImageResult.probability, Instance.relpath,
+                                   Instance.transfer_syntax)
+                            .join(Instance, Instance.id == ImageResult.instance_id)
+                            .where(ImageResult.result_id == res.id,
+                                   ImageResult.instance_id == instance_id)).first()
+            if row is None or row.probability is None:
+                return None
+            target = Target(instance_id, str(self.spool_root / row.relpath), row.transfer_syntax,
+                            lime_relpath(study.study_uid, instance_id, res.version))
+        return str(self.explainer.request(target))
+
+    @property
+    def spool_root(self) -> Path:
+        """The spool that instance paths are relative to (the data directory's ``spool``)."""
+        return Path(self.explainer.data_root) / "spool"
+
+    def study_json(self, study_id: int) -> dict[str, Any] | None:
+        """Return what ``/api/study/ID`` answers (the study's tier and its latest result's
+        images, each with its prototype finding), or None when there is no such study."""
+        detail = self._with_lime(study_detail(self.store, study_id))
+        if detail is None:
+            return None
+        r, results = detail["row"], detail["results"]
+        return {"study_id": r.study_id, "accession_number": r.accession_number,
+                "state": r.state, "tier": r.tier, "probability": r.probability,
+                "version": results[0].version if results else None,
+                "model": f"{results[0].model_name} {results[0].model_sha256[:12]}"
+                if results else None,
+                "images": [im.to_json() for im in detail["images"]]}
 
     def history_page(self, query: str = "") -> str:
         """Return the history page's HTML: reported studies, newest report first, searchable."""
