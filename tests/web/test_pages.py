@@ -135,3 +135,33 @@ def test_unreadable_image_reasons_are_words_not_exception_names(tmp_path: Path) 
     with pytest.raises(UnscorableError) as e:
         load_image(bad)
     assert e.value.reason == "image cannot be decoded"
+
+
+def test_a_render_reuses_unchanged_rows_and_equals_a_render_from_scratch(store: Store, tmp_path: Path) -> None:
+    clock = [NOW]
+    ids = [add_study(store, f"s{i}", db.SCORED, NOW - 60 * i, [("routine", 0.1 + i / 100)])
+           for i in range(5)]
+    model = ModelInfo("m", "0" * 64, "", THRESHOLDS)
+    pages = Pages(store, tmp_path / "www", model, WorklistConfig(routine_max_wait_min=0),
+                  clock=lambda: clock[0])
+    pages.render_worklist()
+    before = dict(pages._row_cache)
+    with store.write() as s:  # one study gets a new result: only its row changes
+        s.add(Result(study_id=ids[2], version=2, tier="urgent", probability=0.97, previous_tier="routine",
+                     tier_change="rise", state=db.SCORED, reasons="[]", model_name="m",
+                     model_sha256="0" * 64, thresholds=json.dumps(THRESHOLDS), timings="{}",
+                     created_at=NOW))
+        s.get(Study, ids[2]).version = 2
+    pages.render_worklist()
+    after = pages._row_cache
+    reused = [k for k in after if k in before and after[k] is before[k]]
+    assert len(after) == 5 and len(reused) == 4 and all(k[0].study_id != ids[2] for k in reused)
+    cached_html = pages.worklist_html.read_text()
+    scratch = Pages(store, tmp_path / "www2", model, WorklistConfig(routine_max_wait_min=0),
+                    clock=lambda: clock[0])
+    scratch.render_worklist()
+    assert cached_html == scratch.worklist_html.read_text()
+    assert "rose from routine" in cached_html
+    clock[0] = NOW + 3600  # an hour later every displayed wait has changed: nothing is reused
+    pages.render_worklist()
+    assert not any(pages._row_cache.get(k) is v for k, v in after.items())

@@ -23,6 +23,7 @@ from pathlib import Path
 from typing import Any
 
 import jinja2
+from markupsafe import Markup
 from sqlalchemy import and_, func, select
 
 from triage import resources
@@ -255,6 +256,8 @@ class Pages:
         self.csp_hashes = asset_hashes(self.env)
         # One render at a time: a slower, older render must not rename over a newer one.
         self._lock = threading.Lock()
+        # Rendered worklist rows by what they show (see _rows_html).
+        self._row_cache: dict[tuple[Any, ...], Markup] = {}
         # LIME on demand (triage.service.explain.Explainer); None: not offered.
         self.explainer: Any = None
 
@@ -281,7 +284,7 @@ class Pages:
             html = self.env.get_template("worklist.html").render(
                 bands=bands(placed, self.model.thresholds), n=len(placed), now=now,
                 refresh_s=self.cfg.refresh_s, max_wait_min=self.cfg.routine_max_wait_min,
-                **self._banner())
+                row_html=self._rows_html(placed), **self._banner())
             doc = {"rendered_at": now, "model": self.model.version,
                    "thresholds_source": self.model.thresholds_source,
                    "studies": [to_json(p) for p in placed]}
@@ -289,6 +292,23 @@ class Pages:
             write_atomic(self.worklist_html, html)
         log.debug("worklist rendered: %d active studies", len(placed))
         return placed
+
+    def _rows_html(self, placed: list[Placed]) -> dict[int, Markup]:
+        """Return each study's row HTML, rendering only rows that changed since the last
+        render: a row is keyed by everything it shows (its values, its band, whether it was
+        lifted, its wait as displayed), so an unchanged row is reused as it was."""
+        template = self.env.get_template("worklist_row.html")
+        max_wait = self.cfg.routine_max_wait_min
+        fresh: dict[tuple[Any, ...], Markup] = {}
+        out: dict[int, Markup] = {}
+        for p in placed:
+            key = (p.row, p.band, p.aged, format_wait(p.waited_s), max_wait)
+            html = self._row_cache.get(key) or fresh.get(key)
+            if html is None:
+                html = Markup(template.render(p=p, max_wait_min=max_wait))
+            fresh[key] = out[p.row.study_id] = html
+        self._row_cache = fresh  # rows no longer shown are forgotten
+        return out
 
     def mark_reported(self, study_id: int, reported: bool = True, by: str | None = None) -> bool:
         """Mark a study reported by ``by`` (it moves to history) or unread again, then
