@@ -22,6 +22,7 @@ STAGES: list[tuple[str, tuple[str, ...]]] = [
     ("decode: parse header", ("read_file_header",)),
     ("decode: parse dataset", ("read_dataset",)),
     ("decode: pixel data", ("raw_pixels",)),
+    ("decode: reduce (box average)", ("box_average",)),
     ("decode: modality LUT + VOI window", ("apply_modality_lut", "_voi (")),
     ("preprocess: display copy", ("display_copy",)),
     ("preprocess: guard input", ("guard_input",)),
@@ -39,8 +40,16 @@ STAGES: list[tuple[str, tuple[str, ...]]] = [
 ]
 
 
+# Leaf frames of a thread that waits (py-spy does not always see such a thread as idle).
+WAITING = ("_worker (concurrent/futures/thread.py", "wait (threading.py", "_recv_bytes (",
+           "wait_result_broken_or_wakeup (", "select (", "poll (")
+
+
 def stage_of(stack: str) -> str:
     """Return the stage a collapsed stack belongs to."""
+    leaf = stack.rsplit(";", 1)[-1]
+    if leaf.startswith(WAITING):
+        return "waiting (not CPU)"
     for name, markers in STAGES:
         if any(m in stack for m in markers):
             return name
@@ -62,11 +71,14 @@ def main() -> int:
         m = re.match(r"(.*) (\d+)$", line)
         if m:
             counts[(process_of(m[1]), stage_of(m[1]))] += int(m[2])
-    total = sum(counts.values()) or 1
+    waiting = sum(n for (_, stage), n in counts.items() if stage == "waiting (not CPU)")
+    total = sum(counts.values()) - waiting or 1
     print(f"{'process':8} {'stage':36} {'CPU s':>7} {'share':>6}")
     for (proc, stage), n in sorted(counts.items(), key=lambda kv: -kv[1]):
-        print(f"{proc:8} {stage:36} {n / args.rate:7.2f} {100 * n / total:5.1f}%")
+        if stage != "waiting (not CPU)":
+            print(f"{proc:8} {stage:36} {n / args.rate:7.2f} {100 * n / total:5.1f}%")
     print(f"{'':8} {'total':36} {total / args.rate:7.2f}")
+    print(f"{'':8} {'(threads seen waiting, left out)':36} {waiting / args.rate:7.2f}")
     return 0
 
 
