@@ -6,8 +6,9 @@ Layout under the spool root (no header value ever reaches a path; only digests d
     <ss>/<study-key>/<sop-key>_<content16>.dcm  durable, acknowledged
 
 A received file that already lies on the spool's file system (the listener's
-temp file) is not copied: its data is synced where it was written and it gets
-its durable name by a hard link (:meth:`Spool.adopt`).
+temp file) is not copied: its data is synced where it was written, and a hard
+link into ``.tmp`` then the same rename give it its durable name
+(:meth:`Spool.adopt`).
 
 ``ss`` is the first two hex digits of the study key, to keep directories small.
 The content digest in the name makes a byte-identical resend land on the same
@@ -56,6 +57,12 @@ class SpoolEntry:
     sha256: str
     size: int
     existed: bool  # True when a byte-identical copy was already durable
+
+
+def _spool_error(e: OSError) -> SpoolError:
+    """The SpoolError for a failed write (``out_of_space`` for ENOSPC and EDQUOT)."""
+    full = e.errno in (errno.ENOSPC, errno.EDQUOT)
+    return SpoolError(f"spool write failed: {e.strerror or e}", out_of_space=full)
 
 
 def _datasync(fd: int) -> None:
@@ -107,22 +114,24 @@ class Spool:
     def _commit(self, study_uid: str, sop_uid: str, digest: str, size: int,
                 blocks: Callable[[], bytes | Iterable[bytes]]) -> SpoolEntry:
         """Write ``blocks()`` to a temp file, fsync it, rename it to its durable path and
-        fsync the directory (nothing when that path already holds these bytes)."""
+        fsync the directory (when that path already holds these bytes, only the directory
+        sync)."""
         final = self.path_for(study_uid, sop_uid, digest)
         rel = final.relative_to(self.root).as_posix()
         if final.exists() and final.stat().st_size == size:
+            # A resend of what an earlier attempt renamed: its name is synced now, if that
+            # attempt stopped before it could.
+            self._sync_dir(final.parent)
             return SpoolEntry(final, rel, digest, size, existed=True)
         tmp = self.tmp / f"{uuid.uuid4().hex}.part"
         try:
             self._write_tmp(tmp, blocks())
             self._ensure_dir(final.parent)
             os.replace(tmp, final)
-            if self.fsync:
-                _fsync_dir(final.parent)
+            self._sync_dir(final.parent)
         except OSError as e:
             tmp.unlink(missing_ok=True)
-            full = e.errno in (errno.ENOSPC, errno.EDQUOT)
-            raise SpoolError(f"spool write failed: {e.strerror or e}", out_of_space=full) from e
+            raise _spool_error(e) from e
         return SpoolEntry(final, rel, digest, size, existed=False)
 
     def write_file(self, study_uid: str, sop_uid: str, source: Path,
@@ -146,9 +155,10 @@ class Spool:
               chunk: int = 1 << 20) -> SpoolEntry:
         """Durably keep the received file ``source`` in the spool, as :meth:`write_file` does,
         but without copying it when it lies on the spool's file system: its data is synced
-        where it was written as it arrived, and a hard link gives it its durable name
-        (atomically, like the rename; the caller's name for it may then go). Elsewhere (a
-        temp directory on another file system) it is copied by :meth:`write_file`.
+        where it was written as it arrived, hard-linked to a spool temp name and renamed to
+        its durable name (the same rename and directory sync as a copy; the caller's name
+        for it may then go). Where it cannot be linked (another file system, a policy that
+        forbids it) it is copied by :meth:`write_file`.
         """
         try:
             same_fs = os.stat(source).st_dev == os.stat(self.tmp).st_dev
@@ -165,24 +175,35 @@ class Spool:
                     size += len(block)
                 if self.fsync:
                     _datasync(fh.fileno())
-            digest = sha.hexdigest()
-            final = self.path_for(study_uid, sop_uid, digest)
-            rel = final.relative_to(self.root).as_posix()
-            if final.exists() and final.stat().st_size == size:
-                return SpoolEntry(final, rel, digest, size, existed=True)
-            self._ensure_dir(final.parent)
-            try:
-                os.link(source, final)
-            except FileExistsError:  # the same bytes, kept meanwhile by another daemon
-                return SpoolEntry(final, rel, digest, size, existed=True)
-            if self.fsync:
-                _fsync_dir(final.parent)
         except OSError as e:
-            if e.errno in (errno.EPERM, errno.EXDEV, errno.EMLINK, errno.ENOTSUP):
-                return self.write_file(study_uid, sop_uid, source, chunk)  # no hard links here
-            full = e.errno in (errno.ENOSPC, errno.EDQUOT)
-            raise SpoolError(f"spool write failed: {e.strerror or e}", out_of_space=full) from e
+            raise _spool_error(e) from e
+        digest = sha.hexdigest()
+        final = self.path_for(study_uid, sop_uid, digest)
+        rel = final.relative_to(self.root).as_posix()
+        if final.exists() and final.stat().st_size == size:
+            self._sync_dir(final.parent)
+            return SpoolEntry(final, rel, digest, size, existed=True)
+        tmp = self.tmp / f"{uuid.uuid4().hex}.part"
+        try:
+            os.link(source, tmp)
+        except OSError as e:
+            if e.errno in (errno.ENOSPC, errno.EDQUOT):
+                raise _spool_error(e) from e
+            log.debug("cannot link a received file into the spool (%s); copying it", e.strerror)
+            return self.write_file(study_uid, sop_uid, source, chunk)
+        try:
+            self._ensure_dir(final.parent)
+            os.replace(tmp, final)
+            self._sync_dir(final.parent)
+        except OSError as e:
+            tmp.unlink(missing_ok=True)
+            raise _spool_error(e) from e
         return SpoolEntry(final, rel, digest, size, existed=False)
+
+    def _sync_dir(self, d: Path) -> None:
+        """Sync a directory (when fsync is on), so the names in it survive a power cut."""
+        if self.fsync:
+            _fsync_dir(d)
 
     def _write_tmp(self, tmp: Path, data: bytes | Iterable[bytes]) -> None:
         """Write ``data`` (bytes, or blocks of them) to a new file ``tmp``, fsynced if set."""

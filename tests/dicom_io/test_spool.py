@@ -80,6 +80,20 @@ def test_a_received_file_on_the_spools_file_system_is_linked_not_copied(tmp_path
     assert list(spool.files()) == [entry.path] and list(spool.tmp.iterdir()) == []
 
 
+def test_adopting_over_a_damaged_durable_file_replaces_it(tmp_path: Path) -> None:
+    """A torn file at the content's name (a power cut with fsync off) is replaced, not kept."""
+    spool = Spool(tmp_path / "spool")
+    data = b"DICM" + b"y" * 4096
+    received = tmp_path / "received.dcm"
+    received.write_bytes(data)
+    final = spool.path_for("1.2.3", "1.2.3.6", hashlib.sha256(data).hexdigest())
+    final.parent.mkdir(parents=True)
+    final.write_bytes(data[:100])  # torn
+    entry = spool.adopt("1.2.3", "1.2.3.6", received)
+    assert entry.path == final and not entry.existed and final.read_bytes() == data
+    assert list(spool.tmp.iterdir()) == []
+
+
 def test_a_received_file_on_another_file_system_is_copied(tmp_path: Path) -> None:
     shm = Path("/dev/shm")
     if not shm.is_dir() or shm.stat().st_dev == tmp_path.stat().st_dev:

@@ -56,8 +56,8 @@ def _first(calls: list[tuple[int, str, str]], start: int, pred) -> int:  # type:
 @pytest.mark.parametrize("receive_dir", ["spool's file system", "another file system"])
 def test_fsync_rename_dirsync_commit_then_response(tmp_path: Path, receive_dir: str) -> None:
     """The listener receives into a temp file. On the spool's file system that file is synced
-    and linked to its durable name; elsewhere it is copied to a spool temp file, which is
-    synced and renamed. Either way the order below holds."""
+    and linked to a spool temp name; elsewhere it is copied to a spool temp file, which is
+    synced. Either way the temp name is then renamed, and the order below holds."""
     if shutil.which("strace") is None:
         pytest.fail("strace is not installed (scripts/system-deps.sh installs it)")
     env = dict(os.environ)
@@ -101,10 +101,14 @@ def test_fsync_rename_dirsync_commit_then_response(tmp_path: Path, receive_dir: 
         (lambda a: f"<{spool_tmp}/" in a and ".part>" in a)
     i_fsync = _first(calls, 0, lambda t, c, a: c in ("fsync", "fdatasync") and temp_file(a))
     handler = calls[i_fsync][0]
-    # 2. Then given its durable name (a hard link, or a rename), by the same thread.
-    named = ("link", "linkat") if linked else ("rename", "renameat", "renameat2")
-    i_rename = _first(calls, i_fsync, lambda t, c, a: t == handler and c in named
-                      and ".dcm\"" in a and f"{data / 'spool'}/" in a)
+    i_named = i_fsync
+    if linked:  # the received file is linked to a spool temp name (no copy)
+        i_named = _first(calls, i_fsync, lambda t, c, a: t == handler and c in ("link", "linkat")
+                         and f"{spool_tmp}/" in a and ".part\"" in a)
+    # 2. Then renamed to its durable name, by the same thread.
+    i_rename = _first(calls, i_named, lambda t, c, a: t == handler
+                      and c in ("rename", "renameat", "renameat2")
+                      and ".part\"" in a and ".dcm\"" in a and f"{data / 'spool'}/" in a)
     target = re.findall(r'"([^"]+\.dcm)"', calls[i_rename][2])[-1]
     directory = os.path.dirname(target)
     # 3. Then the directory that now names it is synced.
