@@ -74,9 +74,10 @@ def shrink(arr: np.ndarray, min_side: int | None) -> np.ndarray:
 
 def _j2k_siz(stream: bytes) -> tuple[int, int, int] | None:
     """Return (components, precision, signed) from a JPEG 2000 codestream's SIZ marker."""
-    start = stream.find(b"\xff\x51")  # SIZ follows SOC in a raw codestream (and inside a JP2)
-    if start < 0 or len(stream) < start + 41:
+    start = stream.find(b"\xff\x4f\xff\x51")  # SOC then SIZ: the codestream's start
+    if start < 0 or len(stream) < start + 43:
         return None
+    start += 2
     comps = int.from_bytes(stream[start + 38:start + 40], "big")
     ssiz = stream[start + 40]
     return comps, (ssiz & 0x7F) + 1, ssiz >> 7
@@ -99,6 +100,8 @@ def _j2k_reduced(ds: Dataset, min_side: int) -> np.ndarray | None:
         level += 1
     if level == 0 or signed or int(getattr(ds, "SamplesPerPixel", 1) or 1) != 1:
         return None
+    if "ModalityLUTSequence" in ds:  # a table must see stored values, not averaged ones
+        return None
     from PIL import Image
     from pydicom.encaps import generate_frames
 
@@ -118,8 +121,14 @@ def _j2k_reduced(ds: Dataset, min_side: int) -> np.ndarray | None:
         return None
     if arr.ndim != 2:
         return None
-    # Pillow widens precisions above 8 bits to 16 by a left shift.
-    return arr >> (16 - bits) if bits > 8 and arr.dtype == np.uint16 else arr
+    if bits > 8 and arr.dtype == np.uint16:
+        # Pillow widens precisions above 8 bits to 16 by a left shift: undo it, and decode in
+        # full should a Pillow ever hand over stored values (or something else) instead.
+        low = (1 << (16 - bits)) - 1
+        if low and np.any(arr & low):
+            return arr if int(arr.max()) < (1 << bits) else None
+        return arr >> (16 - bits)
+    return arr
 
 
 def raw_pixels(ds: Dataset, min_side: int | None = None) -> np.ndarray:

@@ -96,3 +96,37 @@ def test_start_runs_every_initialiser_before_the_first_job() -> None:
             time.sleep(0.05)
         assert len(procs) == 2
         assert pool.map([(1, 1)])[0][:2] == (1, 8)
+
+
+def test_closing_with_kill_stops_a_map_in_flight_without_blaming_its_images() -> None:
+    import threading
+
+    from triage.inference.decoders import PoolClosed
+
+    outcome: list[object] = []
+
+    def call() -> None:
+        try:
+            outcome.append(pool.map([(0, 1), (1, 13)]))  # 13 hangs
+        except PoolClosed as e:
+            outcome.append(e)
+
+    pool = DecoderPool(2, _hang_or_job, _crashed, _init, (0,), timeout_s=600)
+    pool.start()
+    t = threading.Thread(target=call)
+    t.start()
+    import time
+
+    time.sleep(3)  # the hanging job is running (this is not a wait for a result)
+    pool.close(kill=True)
+    t.join(60)
+    assert not t.is_alive() and len(outcome) == 1 and isinstance(outcome[0], PoolClosed)
+    try:
+        pool.map([(2, 2)])
+    except PoolClosed:
+        pass
+    else:
+        raise AssertionError("a closed pool took new jobs")
+    pool.start()  # a started pool takes jobs again
+    assert pool.map([(3, 3)])[0][:2] == (3, 3)
+    pool.close()

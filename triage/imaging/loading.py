@@ -41,7 +41,10 @@ def load_dicom(ds: Dataset, cfg: PreprocessConfig = _DEFAULT, min_side: int | No
         pixels = decode(ds, min_side)
     except PixelDecodeError as e:
         raise UnscorableError(e.reason) from e
-    reason = gate_pixels(pixels, cfg.min_size_px)
+    # A reduced image's size says nothing of the image's: the header check above has judged
+    # that; here only an image that was not reduced (smaller than min_side) is measured.
+    reason = gate_pixels(pixels, cfg.min_size_px if min_side is None
+                         else min(cfg.min_size_px, min_side))
     if reason is not None:
         raise UnscorableError(reason)
     return pixels

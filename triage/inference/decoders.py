@@ -38,6 +38,10 @@ log = logging.getLogger(__name__)
 CRASHED = "pixel data crashed the decoder"
 
 
+class PoolClosed(RuntimeError):
+    """The pool was closed while jobs were still wanted (the daemon is stopping)."""
+
+
 def timed_out(seconds: float) -> str:
     """The reason given for an image whose decoding was stopped after ``seconds``."""
     return f"decoding took longer than {seconds:g} s and was stopped"
@@ -90,6 +94,7 @@ class DecoderPool:
         self._lock = threading.RLock()
         self._count_lock = threading.Lock()
         self._outstanding = 0  # jobs submitted and not finished
+        self._closed = False
 
     def __enter__(self) -> DecoderPool:
         self.start()
@@ -101,6 +106,7 @@ class DecoderPool:
     def start(self) -> None:
         """Start the worker processes now, each running its initialiser (without waiting)."""
         with self._lock:
+            self._closed = False
             if self._pool is None:
                 self._pool = self._new_pool()
                 for _ in range(self.processes):  # one job per process starts them all
@@ -113,6 +119,8 @@ class DecoderPool:
                                    initargs=(parent, self.init, self.initargs))
 
     def _restart(self) -> None:
+        if self._closed:
+            raise PoolClosed("the decoder pool was closed")
         if self._pool is not None:
             self._kill(self._pool)
         self._pool = self._new_pool()
@@ -130,6 +138,8 @@ class DecoderPool:
         """Submit one job; its future may raise BrokenProcessPool (or CancelledError when
         another caller's retry restarted the processes)."""
         with self._lock:
+            if self._closed:
+                raise PoolClosed("the decoder pool was closed")
             if self._pool is None:
                 self.start()
             assert self._pool is not None
@@ -168,6 +178,8 @@ class DecoderPool:
             log.warning("decoder processes were restarted meanwhile; decoding these images "
                         "one at a time")
         with self._lock:
+            if self._closed:  # killed by close(kill=True): nobody wants these answers now
+                raise PoolClosed("the decoder pool was closed")
             return self._one_at_a_time(jobs)
 
     def _one_at_a_time(self, jobs: Sequence[Sequence[Any]]) -> list[Any]:
@@ -189,8 +201,10 @@ class DecoderPool:
     def close(self, wait: bool = True, kill: bool = False) -> None:
         """Shut the processes down, cancelling what has not started; with ``kill``, kill
         them at once (for a caller whose jobs are all answered: a process may still be
-        starting)."""
+        starting). Later calls raise :class:`PoolClosed` until :meth:`start`."""
+        self._closed = True  # first: a one-at-a-time retry holding the lock stops at its next job
         with self._lock:
+            self._closed = True
             if self._pool is not None:
                 if kill:
                     self._kill(self._pool)

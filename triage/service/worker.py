@@ -40,7 +40,7 @@ from triage.core import tiers
 from triage.imaging import prepare
 from triage.imaging.prepare import Prepared
 from triage.inference import prototypes as protos_mod
-from triage.inference.decoders import DecoderPool
+from triage.inference.decoders import DecoderPool, PoolClosed
 from triage.inference.guard import Guard
 from triage.inference.model import Model
 from triage.inference.prototypes import Prototypes
@@ -168,7 +168,8 @@ class ScoringWorker:
                 if len(running) < slots:
                     try:
                         for sid in self.claim(slots - len(running)):
-                            running[studies.submit(self._score_one, sid)] = sid
+                            if sid not in running.values():  # re-claimed after a lapsed renewal
+                                running[studies.submit(self._score_one, sid)] = sid
                     except Exception:
                         log.exception("claiming studies failed; retrying")
                 if running:
@@ -184,6 +185,8 @@ class ScoringWorker:
         """Score one claimed study and let go of its claim if it was not settled."""
         try:
             self.score_isolated([study_id])
+        except PoolClosed:  # stopping: the study stays complete and is scored after a restart
+            log.info("study #%d left unscored: the daemon is stopping", study_id)
         except Exception:
             log.exception("scoring study #%d failed; it will be retried", study_id)
         finally:
@@ -211,7 +214,8 @@ class ScoringWorker:
             log.exception("could not release study claims")
 
     def _settled(self, study_id: int) -> None:
-        """The study's claim is being cleared with its result or failure: stop renewing it."""
+        """The study's claim was cleared with its result or failure (committed): stop
+        renewing it."""
         with self._held_lock:
             self._held.discard(study_id)
 
@@ -235,6 +239,8 @@ class ScoringWorker:
         be scored costs only its own attempt (see :meth:`fail`)."""
         try:
             return self.score_studies(study_ids)
+        except PoolClosed:
+            raise  # not the studies' fault: nothing is counted against them
         except Exception as e:
             if len(study_ids) == 1:
                 self.fail(study_ids[0], None, e)
@@ -244,6 +250,8 @@ class ScoringWorker:
         for sid in study_ids:
             try:
                 out.update(self.score_studies([sid]))
+            except PoolClosed:
+                raise
             except Exception as e:
                 self.fail(sid, None, e)
                 out[sid] = None
@@ -264,7 +272,6 @@ class ScoringWorker:
             if not self._ours(study):
                 return
             study.claimed_by = study.claimed_until = None
-            self._settled(study_id)
             study.attempts += 1
             study.failure = failure_words(e)
             if study.attempts >= w.max_attempts:
@@ -277,6 +284,7 @@ class ScoringWorker:
                           f"next in {delay:g} s: {study.failure}")
             s.add(StudyEvent(study_id=study_id, at=now, kind="failed", detail=detail))
             final = study.state == db.FAILED
+        self._settled(study_id)  # committed: the claim is cleared
         (log.error if final else log.warning)("study #%d: %s", study_id, detail)
         if final and self.on_result is not None:
             try:
@@ -409,9 +417,9 @@ class ScoringWorker:
             study.state = state
             study.attempts, study.retry_at, study.failure = 0, None, None
             study.claimed_by = study.claimed_until = None
-            self._settled(study_id)
             s.flush()
             rid = res.id
+        self._settled(study_id)  # committed: the claim is cleared
         self._log(study_id, version, state, p, tier, change, reasons)
         if self.on_result is not None:
             try:
