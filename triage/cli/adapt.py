@@ -16,7 +16,7 @@ from typing import Any
 
 import numpy as np
 
-from triage.cli.common import SubParsers, config_args, load_config, quiet_decoders, setup_logging
+from triage.cli.common import SubParsers, config_args, scoring_setup
 from triage.core.errors import InputError
 
 log = logging.getLogger(__name__)
@@ -64,14 +64,8 @@ def embed_files(files: list[Path], model: Any) -> tuple[np.ndarray, list[str], l
 def _adapt(args: argparse.Namespace) -> int:
     from triage.imaging.prepare import init
     from triage.inference import prototypes
-    from triage.inference.model import OnnxModel
 
-    cfg = load_config(args)
-    setup_logging(cfg.logging.level)
-    quiet_decoders()
-    model = OnnxModel.load_files(args.model or cfg.model.onnx_path,
-                                 args.card or (None if args.model else cfg.model.card_path),
-                                 cfg.model.threads)
+    cfg, model = scoring_setup(args)
     if not model.has_embedding:
         raise InputError(f"model {model.path} has no 'embedding' output")
     init(model.card)

@@ -56,3 +56,18 @@ def quiet_decoders() -> None:
 
     logging.getLogger("pydicom").setLevel(logging.CRITICAL)
     warnings.filterwarnings("ignore", module="pydicom")
+
+
+def scoring_setup(args: argparse.Namespace) -> tuple[Any, Any]:
+    """Return (config, model) for a command that scores files here: the config from the
+    flags, logging set up, decoder warnings quietened, and the model from ``--model`` /
+    ``--card`` (else the config's). Raises InputError when the model cannot be loaded."""
+    from triage.inference.model import OnnxModel
+
+    cfg = load_config(args)
+    setup_logging(cfg.logging.level)
+    quiet_decoders()
+    model = OnnxModel.load_files(args.model or cfg.model.onnx_path,
+                                 args.card or (None if args.model else cfg.model.card_path),
+                                 cfg.model.threads)
+    return cfg, model

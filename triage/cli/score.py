@@ -15,7 +15,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from triage.cli.common import SubParsers, config_args, load_config, quiet_decoders, setup_logging
+from triage.cli.common import SubParsers, config_args, scoring_setup
 
 
 @dataclass(frozen=True)
@@ -78,14 +78,8 @@ def score_file(path: str | Path, model: Any, batch_size: int = 1, guard: Any = N
 def _score(args: argparse.Namespace) -> int:
     from triage.imaging.prepare import init
     from triage.inference.guard import load_guard
-    from triage.inference.model import OnnxModel
 
-    cfg = load_config(args)
-    setup_logging(cfg.logging.level)
-    quiet_decoders()
-    model = OnnxModel.load_files(args.model or cfg.model.onnx_path,
-                                 args.card or (None if args.model else cfg.model.card_path),
-                                 cfg.model.threads)
+    cfg, model = scoring_setup(args)
     guard = None if args.no_guard else load_guard(cfg.guard, model.card)
     protos = None
     if args.prototypes:
