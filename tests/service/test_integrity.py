@@ -37,8 +37,9 @@ def _scored(d: Daemon, study_uid: str, version: int = 1) -> Study | None:
 def _both_scored(d: Daemon, study_uid: str) -> Study | None:
     """The study, once scored with its two images (whatever its version)."""
     st = _study(d, study_uid)
-    return st if st is not None and st.state == db.SCORED and st.n_instances == 2 and \
-        _latest(d, study_uid) is not None and _latest(d, study_uid).version == st.version \
+    res = _latest(d, study_uid)
+    done = st is not None and st.state == db.SCORED and st.n_instances == 2
+    return st if done and res is not None and st is not None and res.version == st.version \
         else None
 
 
