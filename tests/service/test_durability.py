@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import ctypes
 import hashlib
+import os
 import signal
 import sqlite3
 import subprocess
@@ -149,3 +151,32 @@ def test_full_disk_is_refused_with_a700_and_the_daemon_keeps_running(daemon_fact
     assert list(d.spool.tmp.iterdir()) == []
     assert len(list(d.spool.files())) == statuses.count(status.SUCCESS)
     assert _echo_ok(d.dicom_port)
+
+
+def _tgkill(pid: int, tid: int, sig: int) -> None:
+    """Send ``sig`` to one thread of ``pid`` (the kernel picks any thread for ``kill``)."""
+    libc = ctypes.CDLL(None, use_errno=True)
+    if libc.tgkill(pid, tid, sig) != 0:
+        err = ctypes.get_errno()
+        raise OSError(err, os.strerror(err))
+
+
+def test_sigterm_landing_on_any_thread_stops_the_daemon(tmp_path: Path) -> None:
+    """A process-directed SIGTERM may be delivered to any thread that does not block it (under
+    strace, or when the main thread is busy, it often is not the main one). The daemon must
+    stop either way: here the signal is aimed at a thread other than the main one."""
+    port, data = free_port(), tmp_path / "var"
+    cfg, log = _write_config(tmp_path, port, data), tmp_path / "serve.log"
+    proc = _start(cfg, log)
+    try:
+        wait_for(lambda: _echo_ok(port), timeout=60)
+        others = sorted(int(t.name) for t in Path(f"/proc/{proc.pid}/task").iterdir()
+                        if int(t.name) != proc.pid)
+        assert others, "the daemon runs no threads besides the main one"
+        _tgkill(proc.pid, others[-1], signal.SIGTERM)
+        assert proc.wait(60) == 0
+        assert "stopped cleanly" in log.read_text()
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait(30)

@@ -363,7 +363,11 @@ def serve(cfg: Config) -> int:
                           f"{e.strerror or e}") from e
     log.info("triage is running; data in %s; worklist at http://%s:%d/", cfg.storage.root,
              cfg.web.host, daemon.web_port)
-    stop.wait()
+    # Python runs signal handlers in the main thread, but the kernel may deliver a SIGTERM
+    # to any of the daemon's threads (under strace, often another one); then nothing wakes a
+    # main thread blocked in an untimed wait. Waking twice a second lets the handler run.
+    while not stop.wait(0.5):
+        pass
     daemon.stop()
     log.info("triage stopped cleanly")
     return 0
