@@ -41,15 +41,16 @@ def synthetic_image(label: int, seed: int, size: int = 160) -> np.ndarray:
     return np.clip(img, 0, 255).astype(np.uint8)
 
 
-def write_dataset(root: Path, n_train: int = 48, n_val: int = 24) -> Path:
+def write_dataset(root: Path, n_train: int = 48, n_val: int = 24, n_holdout: int = 0) -> Path:
     """Write PNGs and a ``path,label,split,sha256`` manifest under ``root``; return the CSV."""
     rows = []
-    for split, n in (("train", n_train), ("val", n_val)):
+    offset = {"train": 0, "val": 10_000, "holdout": 20_000}
+    for split, n in (("train", n_train), ("val", n_val), ("holdout", n_holdout)):
         for i in range(n):
             label = i % 2
             rel = f"{split}/{'PNEUMONIA' if label else 'NORMAL'}/img{i:03d}.png"
             (root / rel).parent.mkdir(parents=True, exist_ok=True)
-            seed = i + (10_000 if split == "val" else 0)
+            seed = i + offset[split]
             Image.fromarray(synthetic_image(label, seed)).convert("RGB").save(root / rel)
             rows.append({"path": rel, "label": label, "split": split, "sha256": ""})
     manifest = root / "manifest.csv"

@@ -169,3 +169,20 @@ def test_bootstraps_of_one_abnormal_or_one_study_are_undefined_not_an_error() ->
     assert bootstrap_ece(np.array([1]), np.array([0.9]), 10, 100) == (None, None)
     lo, hi = bootstrap_auc(np.array([1, 1, 0, 0]), np.array([0.9, 0.8, 0.2, 0.1]), 100)
     assert lo is not None and hi is not None
+
+
+def test_paired_auc_difference_and_its_interval() -> None:
+    rng = np.random.default_rng(3)
+    y = np.repeat([0, 1], 150)
+    good = y + rng.normal(0, 0.6, len(y))   # AUC about 0.88
+    weak = y + rng.normal(0, 2.0, len(y))   # AUC about 0.64
+    d, (lo, hi) = metrics.bootstrap_auc_difference(y, good, weak, 500, seed=1)
+    assert d == pytest.approx(roc_auc_score(y, good) - roc_auc_score(y, weak))
+    assert lo is not None and hi is not None and 0 < lo < d < hi
+    # A model against itself differs by exactly nothing in every paired draw.
+    d0, ci0 = metrics.bootstrap_auc_difference(y, good, good, 200)
+    assert d0 == 0 and ci0 == (0.0, 0.0)
+    # Paired draws: a monotone transform of the same scores is the same ranking.
+    d1, ci1 = metrics.bootstrap_auc_difference(y, good, np.exp(good), 200)
+    assert d1 == 0 and ci1 == (0.0, 0.0)
+    assert metrics.bootstrap_auc_difference(y[:3], good[:3], weak[:3], 100)[1] == (None, None)

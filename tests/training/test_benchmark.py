@@ -22,7 +22,7 @@ def _sweep(tmp_path: Path, keys: list[str], force: bool = False) -> list[dict]:
 
     manifest = tmp_path / "data" / "manifest.csv"
     if not manifest.exists():
-        write_dataset(tmp_path / "data", n_train=32, n_val=16)
+        write_dataset(tmp_path / "data", n_train=32, n_val=16, n_holdout=12)
     budget = benchmark.Budget(input_size=SIZE, epochs=1, max_steps=2, timing_seconds=0.05,
                               calib_images=8)
     tcfg = TrainConfig(batch_size=16, ema_decay=0.0, warmup_epochs=0.0)
@@ -51,6 +51,32 @@ def test_smoke_sweep_writes_table_json_chart_and_resumes(tmp_path: Path) -> None
         assert r["onnx"]["fp32"]["images_per_s_b1"] > 0
         assert r["onnx"]["fp32"]["images_per_s_b16"] > 0
         assert r["train_seconds"] > 0 and r["device"]
+        assert "scores" not in r  # the per-image scores stay in the run's result.json
+    # The holdout figures, recomputed from the kept per-image scores by an independent route
+    # (scikit-learn's AUC, counting at the val threshold) and against the val figures.
+    from sklearn.metrics import roc_auc_score
+
+    for r in rows:
+        ho, sc = r["holdout"], r["scores"]["holdout"]
+        y, p = np.asarray(sc["labels"]), np.asarray(sc["probability"])
+        assert ho["n"] == len(y) == 12 and ho["n_pos"] == int(y.sum()) == 6
+        assert ho["auc"] == pytest.approx(roc_auc_score(y, p), abs=1e-6)
+        lo, hi = ho["auc_ci"]
+        assert lo is not None and lo <= ho["auc"] <= hi
+        thr = r["val"]["operating_points"]["abnormal"]["threshold"]
+        op = ho["operating_points"]["abnormal"]
+        assert op["threshold"] == thr
+        assert op["sensitivity_k_n"] == [int(((p >= thr) & (y == 1)).sum()), 6]
+        assert op["specificity_k_n"] == [int(((p < thr) & (y == 0)).sum()), 6]
+        assert op["sensitivity_ci"][0] <= op["sensitivity"] <= op["sensitivity_ci"][1]
+        v = r["scores"]["val"]
+        assert r["val"]["auc"] == pytest.approx(
+            roc_auc_score(v["labels"], v["probability"]), abs=1e-6)
+    d = doc["holdout_auc_differences"]["squeezenet1_1"]
+    a, b = rows[0]["scores"]["holdout"], rows[1]["scores"]["holdout"]
+    assert d["difference"] == pytest.approx(roc_auc_score(a["labels"], a["probability"])
+                                            - roc_auc_score(b["labels"], b["probability"]))
+    assert "mobilenet_v2" not in doc["holdout_auc_differences"]
     md = (tmp_path / "docs" / "benchmarks.md").read_text()
     assert md.startswith("# Benchmarks") and "## Architectures" in md
     table = [ln for ln in md.splitlines() if ln.startswith("|")]

@@ -87,6 +87,28 @@ def bootstrap_auc(labels: np.ndarray, scores: np.ndarray, iterations: int, seed:
     return _bootstrap((pos, neg), stat, iterations, seed, confidence, paired=False)
 
 
+def bootstrap_auc_difference(labels: np.ndarray, a: np.ndarray, b: np.ndarray,
+                             iterations: int, seed: int = 0, confidence: float = 0.95
+                             ) -> tuple[float, tuple[float | None, float | None]]:
+    """Return AUC(a) − AUC(b) on the same studies, with a paired percentile-bootstrap
+    interval (each draw resamples studies, keeping both scores of a study together).
+
+    The interval is (None, None) with fewer than two studies in either class or no iterations.
+    """
+    y = np.asarray(labels).astype(int)
+    sa, sb = np.asarray(a, dtype=np.float64), np.asarray(b, dtype=np.float64)
+    diff = auc(y, sa) - auc(y, sb)
+    if min(int(y.sum()), int((y == 0).sum())) < 2 or iterations <= 0:
+        return diff, (None, None)
+
+    def stat(yb: np.ndarray, pa: np.ndarray, pb: np.ndarray) -> float:
+        if yb.min() == yb.max():  # a draw with one class has no AUC (then no interval)
+            return float("nan")
+        return float(roc_auc_score(yb, pa) - roc_auc_score(yb, pb))
+
+    return diff, _bootstrap((y, sa, sb), stat, iterations, seed, confidence, paired=True)
+
+
 def bootstrap_ece(labels: np.ndarray, probs: np.ndarray, bins: int, iterations: int,
                   seed: int = 0, confidence: float = 0.95) -> tuple[float | None, float | None]:
     """Return a percentile interval of the ECE from a bootstrap over studies."""

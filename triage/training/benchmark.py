@@ -238,39 +238,121 @@ def subsample(samples: Sequence[Any], limit: int | None, seed: int) -> list[Any]
     return [tr[i] for i in sorted(pick)] + rest
 
 
+def _rate_fields(name: str, r: Any) -> dict[str, Any]:
+    return {name: r.value, f"{name}_ci": [r.lower, r.upper], f"{name}_k_n": [r.k, r.n]}
+
+
 def summarise(logits: np.ndarray, labels: np.ndarray, prior_shift: float,
               ccfg: CalibrationConfig) -> dict[str, Any]:
-    """Return val AUC, accuracy, temperature and each operating point's sens/spec (pure)."""
+    """Return val AUC (DeLong interval), accuracy, temperature and each operating point's
+    threshold and sens/spec with exact intervals (pure)."""
+    from triage.core import metrics
     from triage.training.calibrate import calibrate_logits
 
     cal = calibrate_logits(logits, labels, prior_shift, ccfg)
     z = (np.asarray(logits, dtype=np.float64) - prior_shift) / cal.temperature
-    return {"auc": cal.auc, "accuracy": float(np.mean((z > 0).astype(int) == labels)),
+    _, ci = metrics.delong(labels, z)
+    return {"auc": cal.auc, "auc_ci": list(ci),
+            "accuracy": float(np.mean((z > 0).astype(int) == labels)),
             "temperature": cal.temperature, "prior_shift": prior_shift, "ece": cal.ece,
             "n": cal.n, "n_pos": cal.n_pos,
             "operating_points": {p.name: {"threshold": p.threshold,
-                                          "sensitivity": p.sensitivity.value,
-                                          "specificity": p.specificity.value}
+                                          **_rate_fields("sensitivity", p.sensitivity),
+                                          **_rate_fields("specificity", p.specificity)}
                                  for p in cal.points}}
 
 
-def _val_and_calib(samples: Sequence[Any], size: int, pre: PreprocessConfig, n_calib: int,
-                   seed: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Return (val images, val labels, int8 calibration images from train), network-ready."""
+def evaluate_fixed(logits: np.ndarray, labels: np.ndarray, temperature: float,
+                   prior_shift: float, thresholds: dict[str, float]) -> dict[str, Any]:
+    """Return AUC (DeLong interval) and sens/spec (exact intervals) on a split that chose
+    nothing: the temperature and thresholds come from ``val`` and are applied as they are
+    (pure). ``{"n": 0}`` for an empty split."""
+    from triage.core import metrics
+
+    y = np.asarray(labels).astype(int)
+    if len(y) == 0:
+        return {"n": 0}
+    probs = metrics.sigmoid((np.asarray(logits, dtype=np.float64) - prior_shift) / temperature)
+    auc, ci = metrics.delong(y, probs)
+    points = {}
+    for name, thr in thresholds.items():
+        sens, spec = metrics.sens_spec(y, probs, thr)
+        points[name] = {"threshold": thr, **_rate_fields("sensitivity", sens),
+                        **_rate_fields("specificity", spec)}
+    return {"n": len(y), "n_pos": int(y.sum()), "auc": auc, "auc_ci": list(ci),
+            "operating_points": points}
+
+
+def auc_differences(rows: Sequence[dict[str, Any]], reference: str = "mobilenet_v2",
+                    split: str = "holdout", iterations: int = 2000,
+                    seed: int = 0) -> dict[str, dict[str, Any]]:
+    """Return, per architecture, its AUC minus ``reference``'s on the same ``split`` images
+    with a paired bootstrap interval, from the per-image scores the rows keep (pure). Empty
+    when the reference or the scores are missing."""
+    from triage.core import metrics
+
+    by = {r["arch"]: r.get("scores", {}).get(split) for r in rows}
+    ref = by.get(reference)
+    if not ref:
+        return {}
+    out = {}
+    for arch, sc in by.items():
+        if not sc or arch == reference or sc["labels"] != ref["labels"]:
+            continue
+        d, (lo, hi) = metrics.bootstrap_auc_difference(
+            np.asarray(sc["labels"]), np.asarray(sc["probability"]),
+            np.asarray(ref["probability"]), iterations, seed)
+        out[arch] = {"reference": reference, "split": split, "difference": d, "ci": [lo, hi],
+                     "iterations": iterations}
+    return out
+
+
+@dataclass(frozen=True)
+class EvalSet:
+    """Network-ready images: val (early stopping, temperature, thresholds), holdout (touched
+    by nothing but the final figures; may be empty) and int8 calibration images from train."""
+
+    x_val: np.ndarray
+    y_val: np.ndarray
+    x_holdout: np.ndarray
+    y_holdout: np.ndarray
+    x_calib: np.ndarray
+
+
+def _eval_set(samples: Sequence[Any], size: int, pre: PreprocessConfig, n_calib: int,
+              seed: int) -> EvalSet:
+    """Decode and prepare the val, holdout and int8 calibration images once for every arch."""
     from triage.imaging.transforms import InputSpec, build_transforms, split_cached
     from triage.training.train import cache_images
 
     prefix, rest = split_cached(build_transforms(pre, InputSpec(size)))
-    va = [s for s in samples if s.split == "val"]
     tr = [s for s in samples if s.split == "train"]
     pick = np.random.default_rng(seed).choice(len(tr), min(n_calib, len(tr)), replace=False)
-    x_va, y_va = cache_images(va, prefix, pre, "bench val")
-    x_ca, _ = cache_images([tr[i] for i in sorted(pick)], prefix, pre, "bench int8 calib")
 
-    def ready(x: torch.Tensor) -> np.ndarray:
-        return np.stack([np.asarray(rest(im), dtype=np.float32) for im in x])
+    def ready(part: Sequence[Any], what: str) -> tuple[np.ndarray, np.ndarray]:
+        if not part:
+            return np.zeros((0, 1, size, size), np.float32), np.zeros(0, int)
+        x, y = cache_images(part, prefix, pre, what)
+        return np.stack([np.asarray(rest(im), dtype=np.float32) for im in x]), np.asarray(y)
 
-    return ready(x_va), y_va, ready(x_ca)
+    x_va, y_va = ready([s for s in samples if s.split == "val"], "bench val")
+    x_ho, y_ho = ready([s for s in samples if s.split == "holdout"], "bench holdout")
+    x_ca, _ = ready([tr[i] for i in sorted(pick)], "bench int8 calib")
+    return EvalSet(x_va, y_va, x_ho, y_ho, x_ca)
+
+
+def _logits(model: nn.Module, x: np.ndarray) -> np.ndarray:
+    with torch.inference_mode():
+        return np.concatenate([model(torch.as_tensor(x[i:i + 64])).reshape(-1).numpy()
+                               for i in range(0, len(x), 64)] or [np.zeros(0, np.float32)])
+
+
+def _scores(labels: np.ndarray, logits: np.ndarray, temperature: float,
+            prior_shift: float) -> dict[str, list[Any]]:
+    from triage.core.metrics import sigmoid
+
+    p = sigmoid((np.asarray(logits, dtype=np.float64) - prior_shift) / temperature)
+    return {"labels": [int(v) for v in labels], "probability": [float(v) for v in p]}
 
 
 def _onnx_figures(net: Calibrated, size: int, work: Path, x_cal: np.ndarray,
@@ -297,7 +379,7 @@ def _onnx_figures(net: Calibrated, size: int, work: Path, x_cal: np.ndarray,
 
 def run_arch(key: str, samples: Sequence[Any], out_dir: Path, tcfg: TrainConfig,
              pre: PreprocessConfig, ccfg: CalibrationConfig, budget: Budget,
-             evalset: tuple[np.ndarray, np.ndarray, np.ndarray]) -> dict[str, Any]:
+             evalset: EvalSet) -> dict[str, Any]:
     """Train, calibrate, export and time one architecture; return its result row.
 
     Writes checkpoints and ONNX files under ``out_dir``. Raises InputError.
@@ -315,15 +397,18 @@ def run_arch(key: str, samples: Sequence[Any], out_dir: Path, tcfg: TrainConfig,
     model = build_arch(key, size)
     model.load_state_dict(ckpt["state_dict"])
     model.eval()
-    x_va, y_va, x_cal = evalset
-    with torch.inference_mode():
-        logits = np.concatenate([model(torch.as_tensor(x_va[i:i + 64])).reshape(-1).numpy()
-                                 for i in range(0, len(x_va), 64)])
-    val = summarise(logits, y_va, float(ckpt["prior_shift"]), ccfg)
-    net = Calibrated(model, val["temperature"], val["prior_shift"]).eval()
+    e = evalset
+    z_va, z_ho = _logits(model, e.x_val), _logits(model, e.x_holdout)
+    val = summarise(z_va, e.y_val, float(ckpt["prior_shift"]), ccfg)
+    t, shift = val["temperature"], val["prior_shift"]
+    holdout = evaluate_fixed(z_ho, e.y_holdout, t, shift,
+                             {k: v["threshold"] for k, v in val["operating_points"].items()})
+    net = Calibrated(model, t, shift).eval()
     return {"arch": key, "source": ARCHS[key].source, "note": ARCHS[key].note,
-            "params": n_params(model), "val": val, "onnx": _onnx_figures(net, size, out_dir,
-                                                                      x_cal, budget),
+            "params": n_params(model), "val": val, "holdout": holdout,
+            "scores": {"val": _scores(e.y_val, z_va, t, shift),
+                       "holdout": _scores(e.y_holdout, z_ho, t, shift)},
+            "onnx": _onnx_figures(net, size, out_dir, e.x_calib, budget),
             "train_seconds": train_s, "device": device_name(), "best_epoch": res.best_epoch,
             "epochs_run": len(res.history), "history": res.history,
             "counts": ckpt.get("counts", {})}
@@ -360,7 +445,7 @@ def run(samples: Sequence[Any], keys: Sequence[str], out_dir: str | Path, tcfg: 
     chosen = subsample(samples, budget.train_limit, budget.seed)
     tcfg = dataclasses.replace(tcfg, input_size=budget.input_size, epochs=budget.epochs,
                                seed=budget.seed)
-    evalset: tuple[np.ndarray, np.ndarray, np.ndarray] | None = None
+    evalset: EvalSet | None = None
     rows = []
     for key in tqdm(keys, desc="benchmark", unit="arch"):
         path = out / key / "result.json"
@@ -371,8 +456,8 @@ def run(samples: Sequence[Any], keys: Sequence[str], out_dir: str | Path, tcfg: 
             rows.append(done)
             continue
         if evalset is None:
-            evalset = _val_and_calib(chosen, budget.input_size, pre, budget.calib_images,
-                                     budget.seed)
+            evalset = _eval_set(chosen, budget.input_size, pre, budget.calib_images,
+                                budget.seed)
         log.info("%s: training at %d px for %d epochs", key, budget.input_size, budget.epochs)
         row = {**run_arch(key, chosen, out / key, tcfg, pre, ccfg, budget, evalset),
                "settings": settings}
@@ -391,16 +476,34 @@ def epoch_seconds(row: dict[str, Any]) -> float:
     return float(sum(h.get("seconds", 0.0) for h in row.get("history", [])))
 
 
-def table_rows(rows: Sequence[dict[str, Any]], point: str = "abnormal") -> list[list[str]]:
+def _with_ci(value: Any, ci: Any, spec: str = ".3f") -> str:
+    """``0.951 [0.935, 0.967]``; the bare value when the interval is missing."""
+    if not ci or None in ci:
+        return _fmt(value, spec)
+    return f"{_fmt(value, spec)} [{_fmt(ci[0], spec)}, {_fmt(ci[1], spec)}]"
+
+
+def _rate_cell(op: dict[str, Any], name: str) -> str:
+    k_n = op.get(f"{name}_k_n")
+    return _with_ci(op.get(name), op.get(f"{name}_ci")) + (f" ({k_n[0]}/{k_n[1]})" if k_n else "")
+
+
+def table_rows(rows: Sequence[dict[str, Any]], point: str = "abnormal",
+               differences: dict[str, dict[str, Any]] | None = None) -> list[list[str]]:
     """Return the Markdown table's cells, one list per architecture (pure)."""
     out = []
     for r in rows:
-        op = r["val"]["operating_points"].get(point, {})
+        ho = r.get("holdout") or {}
+        op = (ho.get("operating_points") or {}).get(point, {})
+        d = (differences or {}).get(r["arch"])
         o = r["onnx"]
         out.append([
-            f"{r['arch']} ({r['source']}{'; ' + r['note'] if r.get('note') else ''})", _fmt(r["val"]["auc"], ".3f"),
-            _fmt(r["val"]["accuracy"], ".3f"), _fmt(op.get("sensitivity"), ".3f"),
-            _fmt(op.get("specificity"), ".3f"), f"{r['params'] / 1e6:.2f} M",
+            f"{r['arch']} ({r['source']}{'; ' + r['note'] if r.get('note') else ''})",
+            _with_ci(r["val"]["auc"], r["val"].get("auc_ci")),
+            _with_ci(ho.get("auc"), ho.get("auc_ci")),
+            _with_ci(d["difference"], d["ci"], "+.3f") if d else "",
+            _rate_cell(op, "sensitivity"), _rate_cell(op, "specificity"),
+            f"{r['params'] / 1e6:.2f} M",
             _fmt(o["fp32"]["bytes"] / 1e6, ".1f"),
             _fmt(None if o["int8"].get("bytes") is None else o["int8"]["bytes"] / 1e6, ".1f"),
             _fmt(o["fp32"].get("images_per_s_b1"), ".0f"), _fmt(o["fp32"].get("images_per_s_b16"), ".0f"),
@@ -414,25 +517,37 @@ def _median(values: Sequence[float]) -> float | None:
     return float(np.median(values)) if values else None
 
 
-HEADER = ["architecture", "val AUC", "val acc", "sens @abnormal", "spec @abnormal", "params",
+HEADER = ["architecture", "val AUC [95% CI]", "holdout AUC [95% CI]",
+          "holdout ΔAUC vs MobileNetV2 [95% CI]", "holdout sens @abnormal [95% CI]",
+          "holdout spec @abnormal [95% CI]", "params",
           "fp32 MB", "int8 MB", "fp32 img/s b1", "fp32 img/s b16", "int8 img/s b1",
           "int8 img/s b16", "train time", "epochs"]
 
 
 def render_section(rows: Sequence[dict[str, Any]], settings: dict[str, Any],
-                   chart_name: str | None) -> str:
+                   chart_name: str | None,
+                   differences: dict[str, dict[str, Any]] | None = None) -> str:
     """Return the ``## Architectures`` section of docs/benchmarks.md (pure)."""
     b, t = settings["budget"], settings["train_config"]
     counts = rows[0].get("counts", {}) if rows else {}
+    ho = next((r["holdout"] for r in rows if (r.get("holdout") or {}).get("n")), None)
+    iters = next(iter((differences or {}).values()), {}).get("iterations")
     devices = sorted({r["device"] for r in rows})
     lines = [SECTION, "",
              "Each architecture trained from scratch (`pretrained=False`, one grey input channel, "
              "one logit) with the shipped recipe of `triage train`, only the network swapped: the "
              "same data, splits, preprocessing chain, augmentation, epoch budget, early-stopping "
-             "rule, class weighting, EMA and temperature scaling. Validation figures are on the "
-             "`val` split, which was also used for early stopping, temperature and thresholds, so "
-             "they are optimistic. Data: " + DATA_CITATION + ".", "",
-             f"**Reduced CPU budget** (not the shipped model's): input {b['input_size']} px, "
+             "rule, class weighting, EMA and temperature scaling. `val` chose the epoch, the "
+             "temperature and the thresholds, so its AUC is optimistic; "
+             + (f"the `holdout` split ({ho['n']} images, {ho['n_pos']} pneumonia, patients in "
+                "neither `train` nor `val`) chose nothing: its figures apply val's temperature "
+                "and `abnormal` threshold as they are. AUC intervals: DeLong; sensitivity and "
+                "specificity: exact (Clopper-Pearson), with the counts; ΔAUC: the row's holdout "
+                "AUC minus MobileNetV2's on the same images, with a paired percentile bootstrap "
+                f"({iters} draws of images)" if ho else "no `holdout` split was given") +
+             ". Data: " + DATA_CITATION + ".", "",
+             f"**Budget** (the shipped model: 144 px, 10 epochs, the whole `train` split): "
+             f"input {b['input_size']} px, "
              f"at most {b['epochs']} epochs (early-stopping patience {t['patience']}), batch "
              f"{t['batch_size']}, AdamW lr {t['lr']}, seed {b['seed']}; training images: "
              + (f"a fixed random subsample of {b['train_limit']} of the `train` split"
@@ -447,11 +562,11 @@ def render_section(rows: Sequence[dict[str, Any]], settings: dict[str, Any],
              "decoding and caching the images once per architecture adds about "
              + _fmt(_median([r["train_seconds"] - epoch_seconds(r) for r in rows]), ".0f")
              + " s (`train_seconds` in the JSON includes it). "
-             "Sensitivity/specificity are at the `abnormal` operating point (threshold placed "
-             "on val for the configured sensitivity target). int8: static QDQ quantisation of "
+             "The `abnormal` operating point's threshold is placed on val for the configured "
+             "sensitivity target. int8: static QDQ quantisation of "
              "Conv and Add (ViT's MatMuls stay fp32).", "",
              "| " + " | ".join(HEADER) + " |", "|" + "---|" * len(HEADER)]
-    lines += ["| " + " | ".join(c) + " |" for c in table_rows(rows)]
+    lines += ["| " + " | ".join(c) + " |" for c in table_rows(rows, differences=differences)]
     lines += ["", "These rows compare the architectures with each other under one small budget. "
               "They are not comparable with published figures (e.g. MobileNetV2 at 91.2 % "
               "accuracy, AUC 0.947), which come from full-resolution, full-length training "
@@ -460,7 +575,8 @@ def render_section(rows: Sequence[dict[str, Any]], settings: dict[str, Any],
               "are skipped unless `--force`):", "", "```sh",
               settings["command"], "```", ""]
     if chart_name:
-        lines += [f"![val AUC against fp32 onnxruntime images/s at batch 16]({chart_name})", ""]
+        lines += [f"![holdout AUC (val where there is no holdout) with its 95 % interval "
+                  f"against fp32 onnxruntime images/s at batch 16]({chart_name})", ""]
     return "\n".join(lines)
 
 
@@ -484,22 +600,29 @@ def merge_section(existing: str | None, section: str, heading: str = SECTION) ->
 
 
 def chart_png(rows: Sequence[dict[str, Any]], path: str | Path) -> Path:
-    """Write a scatter of val AUC against fp32 images/s (batch 16, log scale); return the path."""
+    """Write a scatter of holdout AUC (val AUC for rows without a holdout) with its interval
+    against fp32 images/s (batch 16, log scale); return the path."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(6, 4.2))
+    split = "holdout" if all((r.get("holdout") or {}).get("n") for r in rows) else "val"
     for i, r in enumerate(rows):
-        x, y = r["onnx"]["fp32"]["images_per_s_b16"], r["val"]["auc"]
-        ax.scatter([x], [y], s=20 + 8 * math.sqrt(r["params"] / 1e5))
+        x, y = r["onnx"]["fp32"]["images_per_s_b16"], r[split]["auc"]
+        colour = f"C{i % 10}"
+        ax.scatter([x], [y], s=20 + 8 * math.sqrt(r["params"] / 1e5), color=colour)
+        ci = r[split].get("auc_ci")
+        if ci and None not in ci:
+            ax.errorbar([x], [y], yerr=[[y - ci[0]], [ci[1] - y]], fmt="none", ecolor=colour,
+                        capsize=3)
         # Alternate label offsets: neighbours with similar AUC would otherwise overlap.
         ax.annotate(r["arch"], (x, y), textcoords="offset points",
                     xytext=(4, 5 if i % 2 == 0 else -11), fontsize=8)
     ax.set_xscale("log")
     ax.set_xlabel("onnxruntime fp32 images/s, batch 16, 2 threads (log)")
-    ax.set_ylabel("val AUC")
+    ax.set_ylabel(f"{split} AUC (95 % DeLong interval)")
     ax.set_title("Accuracy against speed (marker area ~ parameters)")
     ax.grid(True, alpha=0.3)
     fig.tight_layout()
@@ -516,9 +639,11 @@ def write_reports(rows: Sequence[dict[str, Any]], settings: dict[str, Any], md_p
     from triage.training.export import write_json
 
     md = Path(md_path)
-    write_json(json_path, {"settings": settings,
-                           "results": [{k: v for k, v in r.items() if k != "settings"}
-                                       for r in rows]})
+    differences = auc_differences(rows)
+    # The per-image scores stay in each run's result.json; the document keeps the figures.
+    write_json(json_path, {"settings": settings, "holdout_auc_differences": differences,
+                           "results": [{k: v for k, v in r.items()
+                                        if k not in ("settings", "scores")} for r in rows]})
     chart_name = None
     if png_path is not None:
         chart_png(rows, png_path)
@@ -527,5 +652,6 @@ def write_reports(rows: Sequence[dict[str, Any]], settings: dict[str, Any], md_p
     existing = md.read_text() if md.exists() else None
     md.parent.mkdir(parents=True, exist_ok=True)
     tmp = md.with_suffix(".md.tmp")
-    tmp.write_text(merge_section(existing, render_section(rows, settings, chart_name)))
+    tmp.write_text(merge_section(existing, render_section(rows, settings, chart_name,
+                                                          differences)))
     tmp.replace(md)
