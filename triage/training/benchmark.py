@@ -542,9 +542,10 @@ def render_section(rows: Sequence[dict[str, Any]], settings: dict[str, Any],
              + (f"the `holdout` split ({ho['n']} images, {ho['n_pos']} pneumonia, patients in "
                 "neither `train` nor `val`) chose nothing: its figures apply val's temperature "
                 "and `abnormal` threshold as they are. AUC intervals: DeLong; sensitivity and "
-                "specificity: exact (Clopper-Pearson), with the counts; ΔAUC: the row's holdout "
-                "AUC minus MobileNetV2's on the same images, with a paired percentile bootstrap "
-                f"({iters} draws of images)" if ho else "no `holdout` split was given") +
+                "specificity: exact (Clopper-Pearson), with the counts"
+                + ("; ΔAUC: the row's holdout AUC minus MobileNetV2's on the same images, with a "
+                   f"paired percentile bootstrap ({iters} draws of images)" if iters else "")
+                if ho else "no `holdout` split was given") +
              ". Data: " + DATA_CITATION + ".", "",
              f"**Budget** (the shipped model: 144 px, 10 epochs, the whole `train` split): "
              f"input {b['input_size']} px, "
@@ -567,7 +568,7 @@ def render_section(rows: Sequence[dict[str, Any]], settings: dict[str, Any],
              "Conv and Add (ViT's MatMuls stay fp32).", "",
              "| " + " | ".join(HEADER) + " |", "|" + "---|" * len(HEADER)]
     lines += ["| " + " | ".join(c) + " |" for c in table_rows(rows, differences=differences)]
-    lines += ["", "These rows compare the architectures with each other under one small budget. "
+    lines += ["", "These rows compare the architectures with each other under one budget. "
               "They are not comparable with published figures (e.g. MobileNetV2 at 91.2 % "
               "accuracy, AUC 0.947), which come from full-resolution, full-length training "
               "evaluated on a held-out test split.", "",
@@ -609,6 +610,9 @@ def chart_png(rows: Sequence[dict[str, Any]], path: str | Path) -> Path:
 
     fig, ax = plt.subplots(figsize=(6, 4.2))
     split = "holdout" if all((r.get("holdout") or {}).get("n") for r in rows) else "val"
+    # Labels alternate above and below in order of speed: neighbours would otherwise overlap.
+    rank = {id(r): k for k, r in enumerate(sorted(rows, key=lambda r: r["onnx"]["fp32"]
+                                                  ["images_per_s_b16"]))}
     for i, r in enumerate(rows):
         x, y = r["onnx"]["fp32"]["images_per_s_b16"], r[split]["auc"]
         colour = f"C{i % 10}"
@@ -617,10 +621,11 @@ def chart_png(rows: Sequence[dict[str, Any]], path: str | Path) -> Path:
         if ci and None not in ci:
             ax.errorbar([x], [y], yerr=[[y - ci[0]], [ci[1] - y]], fmt="none", ecolor=colour,
                         capsize=3)
-        # Alternate label offsets: neighbours with similar AUC would otherwise overlap.
         ax.annotate(r["arch"], (x, y), textcoords="offset points",
-                    xytext=(4, 5 if i % 2 == 0 else -11), fontsize=8)
+                    xytext=(4, 5 if rank[id(r)] % 2 == 0 else -11), fontsize=8)
     ax.set_xscale("log")
+    ax.xaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())  # decades only
+    ax.margins(x=0.2)  # room for the fastest row's label
     ax.set_xlabel("onnxruntime fp32 images/s, batch 16, 2 threads (log)")
     ax.set_ylabel(f"{split} AUC (95 % DeLong interval)")
     ax.set_title("Accuracy against speed (marker area ~ parameters)")
