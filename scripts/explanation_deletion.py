@@ -30,18 +30,13 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+# The sibling script (its directory is on sys.path when this one is run as a script).
+from lime_gradcam_agreement import bootstrap_mean  # noqa: E402
+
 from triage.core.metrics import clopper_pearson  # noqa: E402
 from triage.inference.explain import SAMPLES, SEGMENTS, TOP_FRACTION, lime_map, top_mask  # noqa: E402
 
 BLUR_SIGMA = 8.0
-
-
-def bootstrap_mean(values: np.ndarray, iterations: int = 5000, seed: int = 0) -> list[float]:
-    """Return the 95 % percentile-bootstrap interval of the mean of ``values``."""
-    rng = np.random.default_rng(seed)
-    v = np.asarray(values, dtype=np.float64)
-    means = v[rng.integers(0, len(v), (iterations, len(v)))].mean(axis=1)
-    return [float(np.quantile(means, 0.025)), float(np.quantile(means, 0.975))]
 
 
 def main() -> int:
