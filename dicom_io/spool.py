@@ -59,6 +59,11 @@ class SpoolEntry:
     existed: bool  # True when a byte-identical copy was already durable
 
 
+class _CannotLink(Exception):
+    """A received file cannot be hard-linked into the spool (not an OSError, so that
+    :meth:`Spool._commit` passes it through: the caller copies the file instead)."""
+
+
 def _spool_error(e: OSError) -> SpoolError:
     """The SpoolError for a failed write (``out_of_space`` for ENOSPC and EDQUOT)."""
     full = e.errno in (errno.ENOSPC, errno.EDQUOT)
@@ -109,13 +114,14 @@ class Spool:
         file at the durable path.
         """
         digest = hashlib.sha256(data).hexdigest()
-        return self._commit(study_uid, sop_uid, digest, len(data), lambda: data)
+        return self._commit(study_uid, sop_uid, digest, len(data),
+                            lambda tmp: self._write_tmp(tmp, data))
 
     def _commit(self, study_uid: str, sop_uid: str, digest: str, size: int,
-                blocks: Callable[[], bytes | Iterable[bytes]]) -> SpoolEntry:
-        """Write ``blocks()`` to a temp file, fsync it, rename it to its durable path and
-        fsync the directory (when that path already holds these bytes, only the directory
-        sync)."""
+                place: Callable[[Path], None]) -> SpoolEntry:
+        """Have ``place(tmp)`` create the synced temp file ``tmp`` (a copy or a link), rename
+        it to its durable path and fsync the directory (when that path already holds these
+        bytes, only the directory sync)."""
         final = self.path_for(study_uid, sop_uid, digest)
         rel = final.relative_to(self.root).as_posix()
         if final.exists() and final.stat().st_size == size:
@@ -125,7 +131,7 @@ class Spool:
             return SpoolEntry(final, rel, digest, size, existed=True)
         tmp = self.tmp / f"{uuid.uuid4().hex}.part"
         try:
-            self._write_tmp(tmp, blocks())
+            place(tmp)
             self._ensure_dir(final.parent)
             os.replace(tmp, final)
             self._sync_dir(final.parent)
@@ -149,7 +155,8 @@ class Spool:
             with open(source, "rb") as fh:
                 yield from iter(lambda: fh.read(chunk), b"")
 
-        return self._commit(study_uid, sop_uid, sha.hexdigest(), size, blocks)
+        return self._commit(study_uid, sop_uid, sha.hexdigest(), size,
+                            lambda tmp: self._write_tmp(tmp, blocks()))
 
     def adopt(self, study_uid: str, sop_uid: str, source: Path,
               chunk: int = 1 << 20) -> SpoolEntry:
@@ -177,28 +184,20 @@ class Spool:
                     _datasync(fh.fileno())
         except OSError as e:
             raise _spool_error(e) from e
-        digest = sha.hexdigest()
-        final = self.path_for(study_uid, sop_uid, digest)
-        rel = final.relative_to(self.root).as_posix()
-        if final.exists() and final.stat().st_size == size:
-            self._sync_dir(final.parent)
-            return SpoolEntry(final, rel, digest, size, existed=True)
-        tmp = self.tmp / f"{uuid.uuid4().hex}.part"
+
+        def link(tmp: Path) -> None:
+            try:
+                os.link(source, tmp)
+            except OSError as e:
+                if e.errno in (errno.ENOSPC, errno.EDQUOT):
+                    raise  # a full disk is refused as such, not retried as a copy
+                raise _CannotLink(e.strerror or str(e)) from e
+
         try:
-            os.link(source, tmp)
-        except OSError as e:
-            if e.errno in (errno.ENOSPC, errno.EDQUOT):
-                raise _spool_error(e) from e
-            log.debug("cannot link a received file into the spool (%s); copying it", e.strerror)
+            return self._commit(study_uid, sop_uid, sha.hexdigest(), size, link)
+        except _CannotLink as e:
+            log.debug("cannot link a received file into the spool (%s); copying it", e)
             return self.write_file(study_uid, sop_uid, source, chunk)
-        try:
-            self._ensure_dir(final.parent)
-            os.replace(tmp, final)
-            self._sync_dir(final.parent)
-        except OSError as e:
-            tmp.unlink(missing_ok=True)
-            raise _spool_error(e) from e
-        return SpoolEntry(final, rel, digest, size, existed=False)
 
     def _sync_dir(self, d: Path) -> None:
         """Sync a directory (when fsync is on), so the names in it survive a power cut."""

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import hashlib
 import os
+import shutil
+import subprocess
 import tempfile
 from pathlib import Path
 
@@ -107,3 +109,25 @@ def test_a_received_file_on_another_file_system_is_copied(tmp_path: Path) -> Non
         assert entry.path.read_bytes() == received.read_bytes()
     finally:
         received.unlink()
+
+
+def test_a_received_file_the_kernel_will_not_link_is_copied(tmp_path: Path) -> None:
+    """Linking can fail on the spool's own file system (a security policy, an attribute): the
+    file is then copied, not refused. An append-only file is one the kernel refuses to link,
+    even for root (EPERM)."""
+    if shutil.which("chattr") is None:
+        pytest.skip("chattr (e2fsprogs) is not installed")
+    spool = Spool(tmp_path / "spool")
+    received = tmp_path / "received.dcm"
+    received.write_bytes(b"DICM" + b"z" * 3000)
+    if subprocess.run(["chattr", "+a", str(received)], capture_output=True).returncode != 0:
+        pytest.skip("this file system or user cannot set the append-only attribute")
+    try:
+        with pytest.raises(PermissionError):
+            os.link(received, tmp_path / "probe")  # the premise: the kernel refuses
+        entry = spool.adopt("1.2.3", "1.2.3.7", received)
+        assert not entry.existed and entry.path.stat().st_ino != received.stat().st_ino
+        assert entry.path.read_bytes() == received.read_bytes()
+        assert list(spool.tmp.iterdir()) == []
+    finally:
+        subprocess.run(["chattr", "-a", str(received)], capture_output=True)
