@@ -30,8 +30,8 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-# The sibling script (its directory is on sys.path when this one is run as a script).
-from lime_gradcam_agreement import bootstrap_mean  # noqa: E402
+# The sibling script's helpers (its directory is on sys.path when this one runs as a script).
+from lime_gradcam_agreement import bootstrap_mean, emit  # noqa: E402
 
 from triage.core.metrics import clopper_pearson  # noqa: E402
 from triage.inference.explain import SAMPLES, SEGMENTS, TOP_FRACTION, lime_map, top_mask  # noqa: E402
@@ -139,11 +139,7 @@ def main() -> int:
         report["regions"][name]["minus_other_image_ci95"] = bootstrap_mean(pairs)
         report["regions"][name]["larger_than_other_image"] = int((pairs > 0).sum())
     report["minutes"] = (time.monotonic() - t0) / 60
-    text = json.dumps(report, indent=1)
-    print(text)
-    if args.out:
-        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.out).write_text(text + "\n")
+    emit(report, args.out)
     return 0
 
 

@@ -54,6 +54,15 @@ def bootstrap_mean(values: np.ndarray, iterations: int = 5000, seed: int = 0) ->
     return float(np.quantile(means, 0.025)), float(np.quantile(means, 0.975))
 
 
+def emit(report: dict[str, Any], out: str | None) -> None:
+    """Print ``report`` as JSON, and write it to ``out`` when given."""
+    text = json.dumps(report, indent=1)
+    print(text)
+    if out:
+        Path(out).parent.mkdir(parents=True, exist_ok=True)
+        Path(out).write_text(text + "\n")
+
+
 def explain_images(paths: list[Path], card: dict[str, Any], model: Path, threads: int,
                    samples: int, segments: int) -> list[dict[str, Any]]:
     """Return, per image: P(abnormal), the Grad-CAM heat and the LIME map (144 px)."""
@@ -146,11 +155,7 @@ def main() -> int:
                         "iou_difference_mean": float(np.mean(both)),
                         "iou_difference_ci95": bootstrap_mean(np.array(both))}
     report["minutes"] = (time.monotonic() - t0) / 60
-    text = json.dumps(report, indent=1)
-    print(text)
-    if args.out:
-        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.out).write_text(text + "\n")
+    emit(report, args.out)
     return 0
 
 
