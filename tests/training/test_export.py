@@ -12,7 +12,8 @@ from monai.visualize import GradCAM
 
 from tests.model_fixtures import SIZE, tiny_model
 from triage.imaging.heatmap import upsample as heatmap
-from triage.training import export, train
+from triage.inference import selftest
+from triage.training import export, quantize, train
 
 # fp32 ONNX vs torch eager, on calibrated probabilities and raw CAM values.
 PROB_ATOL = 1e-5
@@ -115,21 +116,66 @@ def test_gradcam_from_onnx_outputs_matches_monai() -> None:
         np.testing.assert_allclose(ours, theirs, atol=HEATMAP_ATOL)
 
 
-def test_int8_variant_runs_and_is_smaller() -> None:
+def test_every_int8_recipe_is_measured_against_its_reference_and_the_card_says_so() -> None:
     m = tiny_model()
     card = json.loads(m.card.read_text())
     variants = card["variants"]
-    assert variants["int8"]["bytes"] < variants["fp32"]["bytes"]
-    sess = export.onnx_session(m.checkpoint.parent / "export" / "tiny.int8.onnx")
-    out = export.run_session(sess, _inputs(3))
-    assert out["probability"].shape == (3,)
-    assert np.all((out["probability"] >= 0) & (out["probability"] <= 1))
+    assert set(variants) == {"fp32", *quantize.RECIPES}
+    for name in quantize.RECIPES:
+        v = variants[name]
+        assert v["bytes"] < variants["fp32"]["bytes"] / 2  # int8 weights, whatever the recipe
+        a = v["agreement"]
+        assert a["n"] == card["validation"]["n"] and 0 <= a["p95_abs_diff"] <= a["max_abs_diff"]
+        assert a["integer_kernels_possible"] is (name != "int8-weights")
+        sess = export.onnx_session(m.checkpoint.parent / "export" / f"tiny.{name}.onnx")
+        out = export.run_session(sess, _inputs(3))
+        assert out["probability"].shape == (3,)
+        assert np.all((out["probability"] >= 0) & (out["probability"] <= 1))
+    # Weight-only int8 runs float arithmetic: it agrees with its reference to float rounding.
+    assert variants["int8-weights"]["agreement"]["max_abs_diff"] <= 1e-4
+    assert card["precision"] == quantize.choose(variants)
+    assert card["sha256"] == variants[card["precision"]]["sha256"]
+    assert set(card["cpu"]["flags"]) <= set(selftest.FEATURE_FLAGS)
+    assert card["selftest"]["cpu"] == card["cpu"] and len(card["selftest"]["probability"]) == 8
 
 
-def test_choose_variant() -> None:
-    assert export.choose_variant(0.990, 0.987) == "int8"
-    assert export.choose_variant(0.990, 0.980) == "fp32"
-    assert export.choose_variant(0.990, None) == "fp32"
+def _measured(auc: float, max_diff: float = 0.0, tiers: int = 0) -> dict[str, object]:
+    return {"auc": auc, "agreement": {"max_abs_diff": max_diff, "tier_changes": tiers,
+                                      "daemon_max_abs_diff": max_diff}}
+
+
+def test_choose_ships_the_first_cpu_independent_variant_that_holds() -> None:
+    fp32 = _measured(0.990)
+    assert quantize.choose({"fp32": fp32, "int8-weights": _measured(0.988)}) == "int8-weights"
+    # Too costly in AUC, or moving a score past the tolerance or across a tier: not shipped.
+    assert quantize.choose({"fp32": fp32, "int8-weights": _measured(0.980)}) == "fp32"
+    assert quantize.choose({"fp32": fp32, "int8-u8s8-rr": _measured(0.99, 0.013)}) == "fp32"
+    assert quantize.choose({"fp32": fp32, "int8-u8u8": _measured(0.99, 0.002, 1)}) == "fp32"
+    assert quantize.choose({"fp32": fp32, "int8-u8u8": _measured(0.99, 0.002)}) == "int8-u8u8"
+    # U8S8 and S8S8 can saturate on CPUs without VNNI: never shipped, however well they did here.
+    assert quantize.choose({"fp32": fp32, "int8-u8s8": _measured(0.99),
+                            "int8-s8s8": _measured(0.99)}) == "fp32"
+    assert quantize.choose({"fp32": fp32, "int8-u8s8-rr": _measured(0.99),
+                            "int8-weights": _measured(0.99)}) == "int8-weights"
+
+
+def test_weights_only_keeps_int8_weights_and_drops_every_activation_quantizer(
+        tmp_path: Path) -> None:
+    import onnx
+
+    m = tiny_model()
+    qdq = m.checkpoint.parent / "export" / "tiny.int8-u8s8.onnx"
+    out = quantize.weights_only(qdq, tmp_path / "wo.onnx")
+    graph = onnx.load(str(out)).graph
+    consts = {i.name: i for i in graph.initializer}
+    assert quantize.integer_ops(qdq) and not quantize.integer_ops(out)
+    assert all(n.input[0] in consts for n in graph.node if n.op_type == "DequantizeLinear")
+    assert any(consts[n.input[0]].data_type == onnx.TensorProto.INT8
+               for n in graph.node if n.op_type == "DequantizeLinear")
+    x = _inputs(4)
+    ref = export.run_session(export.onnx_session(out, optimize=False), x)["probability"]
+    fast = export.run_session(export.onnx_session(out, fuse_int8=True), x)["probability"]
+    np.testing.assert_allclose(fast, ref, atol=1e-5)
 
 
 def test_flip_averaging_is_baked_into_the_graph(tmp_path: Path) -> None:

@@ -69,5 +69,5 @@ def scoring_setup(args: argparse.Namespace) -> tuple[Any, Any]:
     quiet_decoders()
     model = OnnxModel.load_files(args.model or cfg.model.onnx_path,
                                  args.card or (None if args.model else cfg.model.card_path),
-                                 cfg.model.threads)
+                                 cfg.model.threads, getattr(args, "session", "daemon"))
     return cfg, model

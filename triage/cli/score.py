@@ -121,4 +121,10 @@ def add(sub: SubParsers) -> None:
                         "and distance, an extra finding that never changes the tier")
     p.add_argument("--no-guard", action="store_true",
                    help="skip the input guard (docs/guard.md): score images the daemon would refuse")
+    p.add_argument("--session", choices=("daemon", "onnxruntime-default", "reference"),
+                   default="daemon",
+                   help="onnxruntime session: the daemon's (default); onnxruntime's own default, "
+                        "integer kernels fused as another program would run the file; or the "
+                        "reference meaning, every graph optimisation off (slow; compare the "
+                        "first with it to check a CPU)")
     p.set_defaults(func=_score)

@@ -42,14 +42,38 @@ class Model(Protocol):
         ...
 
 
-def onnx_session(path: str | Path, threads: int = 2) -> Any:
-    """Return an onnxruntime CPU InferenceSession limited to ``threads`` threads."""
+def onnx_session(path: str | Path, threads: int = 2, optimize: bool = True,
+                 fuse_int8: bool = False) -> Any:
+    """Return an onnxruntime CPU InferenceSession limited to ``threads`` threads.
+
+    By default every graph optimisation runs except the fusion of
+    QuantizeLinear/DequantizeLinear pairs into integer kernels
+    (``session.disable_quant_qdq``): those kernels are chosen by instruction set
+    and can saturate on CPUs without VNNI, so the same file would score
+    differently on two servers. A model with int8 weights and float activations
+    (what ships) then has its weights dequantized once, at load, by constant
+    folding, and runs at fp32 speed. ``fuse_int8=True`` gives onnxruntime's own
+    default (what any other program loading the file gets); ``optimize=False``
+    turns every optimisation off (``ORT_DISABLE_ALL``): each node runs as
+    written, the model's reference meaning.
+    """
     import onnxruntime as ort
 
     opts = ort.SessionOptions()
     opts.intra_op_num_threads = threads
     opts.inter_op_num_threads = 1
+    if not optimize:
+        opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+    elif not fuse_int8:
+        opts.add_session_config_entry("session.disable_quant_qdq", "1")
     return ort.InferenceSession(str(path), sess_options=opts, providers=["CPUExecutionProvider"])
+
+
+# Which onnxruntime session a command scores with (``triage score --session``):
+# the daemon's; onnxruntime's own default (integer QDQ fusion on, what another
+# program loading the file gets); the reference meaning (every optimisation off).
+SESSION_KINDS: dict[str, dict[str, bool]] = {
+    "daemon": {}, "onnxruntime-default": {"fuse_int8": True}, "reference": {"optimize": False}}
 
 
 def run_session(sess: Any, images: np.ndarray, batch: int = 64,
@@ -71,13 +95,15 @@ def card_thresholds(card: Mapping[str, Any]) -> dict[str, float | None]:
 class OnnxModel:
     """The shipped model: an onnxruntime session and its card."""
 
-    def __init__(self, onnx_path: str | Path, card: dict[str, Any], threads: int = 2) -> None:
+    def __init__(self, onnx_path: str | Path, card: dict[str, Any], threads: int = 2,
+                 session: str = "daemon") -> None:
         self.path = Path(onnx_path)
         self.card = card
         if "input" not in card or "size" not in card["input"]:
             raise KeyError("input")
         self.thresholds: dict[str, float | None] = card_thresholds(card)
-        self.session = onnx_session(self.path, threads)
+        self.session_kind = session
+        self.session = onnx_session(self.path, threads, **SESSION_KINDS[session])
 
     @property
     def name(self) -> str:
@@ -91,8 +117,9 @@ class OnnxModel:
 
     @classmethod
     def load_files(cls, onnx_path: str | Path, card_path: str | Path | None = None,
-                   threads: int = 2) -> OnnxModel:
-        """Return the model at ``onnx_path`` with its card (default: same name, ``.json``).
+                   threads: int = 2, session: str = "daemon") -> OnnxModel:
+        """Return the model at ``onnx_path`` with its card (default: same name, ``.json``),
+        scored with the ``session`` kind of :data:`SESSION_KINDS`.
 
         Raises InputError when either file is missing or invalid.
         """
@@ -100,7 +127,7 @@ class OnnxModel:
         card_path = Path(card_path) if card_path else onnx_path.with_suffix(".json")
         try:
             card = json.loads(card_path.read_text())
-            return cls(onnx_path, card, threads)
+            return cls(onnx_path, card, threads, session)
         except (OSError, ValueError, KeyError) as e:
             raise InputError(f"cannot load model {onnx_path} with card {card_path}: {e}") from e
         except Exception as e:  # onnxruntime raises its own types for a bad graph

@@ -564,8 +564,9 @@ def render_section(rows: Sequence[dict[str, Any]], settings: dict[str, Any],
              + _fmt(_median([r["train_seconds"] - epoch_seconds(r) for r in rows]), ".0f")
              + " s (`train_seconds` in the JSON includes it). "
              "The `abnormal` operating point's threshold is placed on val for the configured "
-             "sensitivity target. int8: static QDQ quantisation of "
-             "Conv and Add (ViT's MatMuls stay fp32).", "",
+             "sensitivity target. int8: int8 weights of Conv and Add with float activations "
+             "(the shipped recipe, docs/model.md; ViT's MatMuls stay fp32), run in the "
+             "daemon's session.", "",
              "| " + " | ".join(HEADER) + " |", "|" + "---|" * len(HEADER)]
     lines += ["| " + " | ".join(c) + " |" for c in table_rows(rows, differences=differences)]
     lines += ["", "These rows compare the architectures with each other under one budget. "

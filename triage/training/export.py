@@ -11,9 +11,13 @@ The exported graph takes ``image`` (N, 1, S, S) float32, already through
   ReLU(sum_k w_k F_k) / (h w). Upsampling and min-max normalisation are left to
   :func:`triage.imaging.heatmap.upsample` (what ``monai.visualize.GradCAM`` does).
 
-Static int8 quantisation (QDQ, per-channel weights) covers the convolutions
-only; the head stays fp32 so probabilities keep their resolution near the
-thresholds. Calibration data are training images, never validation ones.
+Int8 quantisation (QDQ, per-channel weights) covers the convolutions only; the
+head stays fp32 so probabilities keep their resolution near the thresholds.
+Every recipe of :mod:`triage.training.quantize` is built and measured against
+its own reference meaning (graph optimisations off) and against fp32; the first
+one that holds ships, and the card records all of them with the CPU they were
+measured on, plus the self-test values :mod:`triage.inference.selftest` checks
+at daemon start. Calibration data are training images, never validation ones.
 """
 
 from __future__ import annotations
@@ -23,7 +27,7 @@ import json
 import logging
 import platform
 import warnings
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -33,6 +37,7 @@ from torch import nn
 
 import triage.training.compat  # noqa: F401  (must precede torchvision)
 from triage.files import write_atomic
+from triage.inference import selftest
 from triage.inference.model import (
     ALL_OUTPUTS as OUTPUT_NAMES,
 )
@@ -41,11 +46,11 @@ from triage.inference.model import (
     onnx_session,
     run_session,
 )
+from triage.training import quantize
 
 log = logging.getLogger(__name__)
 
 OPSET = 17
-INT8_AUC_TOLERANCE = 0.005
 
 
 class ExportNet(nn.Module):
@@ -104,40 +109,13 @@ def export_fp32(net: ExportNet, size: int, path: str | Path) -> Path:
     return out
 
 
-class _Reader:
-    """onnxruntime CalibrationDataReader over preprocessed training images."""
+def quantize_int8(fp32_path: str | Path, int8_path: str | Path, calib_images: np.ndarray,
+                  recipe: str = "int8-weights") -> Path:
+    """Write an int8 copy of an fp32 ONNX model with ``recipe`` (the shipped kind by
+    default); return its path. ``calib_images`` are preprocessed training images."""
+    from triage.training.quantize import quantize
 
-    def __init__(self, images: np.ndarray, batch: int = 16) -> None:
-        self._it: Iterator[dict[str, np.ndarray]] = (
-            {INPUT_NAME: images[i:i + batch]} for i in range(0, len(images), batch))
-
-    def get_next(self) -> dict[str, np.ndarray] | None:
-        return next(self._it, None)
-
-
-def quantize_int8(fp32_path: str | Path, int8_path: str | Path, calib_images: np.ndarray) -> Path:
-    """Write a static int8 (QDQ, per-channel) copy of an fp32 ONNX model; return its path.
-
-    ``calib_images`` are preprocessed (N, 1, S, S) float32 training images.
-    """
-    from onnxruntime.quantization import (
-        CalibrationMethod,
-        QuantFormat,
-        QuantType,
-        quantize_static,
-    )
-    from onnxruntime.quantization.shape_inference import quant_pre_process
-
-    out = Path(int8_path)
-    prepped = out.with_suffix(".pre.onnx")
-    quant_pre_process(str(fp32_path), str(prepped), skip_symbolic_shape=True)
-    reader: Any = _Reader(calib_images.astype(np.float32))
-    quantize_static(str(prepped), str(out), reader, quant_format=QuantFormat.QDQ,
-                    per_channel=True, activation_type=QuantType.QUInt8,
-                    weight_type=QuantType.QInt8, op_types_to_quantize=["Conv", "Add"],
-                    calibrate_method=CalibrationMethod.MinMax)
-    prepped.unlink(missing_ok=True)
-    return out
+    return quantize(fp32_path, int8_path, calib_images, recipe)
 
 
 def software_versions() -> dict[str, str]:
@@ -189,6 +167,14 @@ LIMITATIONS = [
 ]
 
 
+# The release's size and speed budgets (bench/inference.py: 2 threads, batch 32).
+# Weight-only int8 keeps the file small and runs fp32 arithmetic, which on this
+# network is faster than the fused integer kernels it replaced (docs/model.md).
+BUDGETS = {"bytes": 3_000_000, "images_per_s": 250,
+           "note": "unchanged by the move from U8S8 activations (which saturate on CPUs "
+                   "without VNNI) to int8 weights with float activations; see docs/model.md"}
+
+
 def build_card(meta: dict[str, Any], cal: dict[str, Any], shipped: dict[str, Any],
                variants: dict[str, Any], feature_shape: Sequence[int]) -> dict[str, Any]:
     """Return the model card (pure: values in, dict out)."""
@@ -228,6 +214,12 @@ def build_card(meta: dict[str, Any], cal: dict[str, Any], shipped: dict[str, Any
         "training_metadata": TRAINING_METADATA,
         "population": POPULATION,
         "variants": variants,
+        "variant_rule": ("the first of " + ", ".join(quantize.PREFERENCE) + " whose optimised "
+                         f"sessions agree with its reference (graph optimisations off) within "
+                         f"{quantize.MAX_ABS_DIFF} on every val image, with no tier change, and "
+                         f"whose AUC is within {quantize.AUC_TOLERANCE} of fp32"),
+        "budgets": BUDGETS,
+        "cpu": selftest.cpu_features(),
         "software": software_versions(),
         "intended_use": INTENDED_USE,
         "limitations": LIMITATIONS,
@@ -272,26 +264,19 @@ def _evaluate(probs: np.ndarray, labels: np.ndarray, cal_cfg: Any) -> dict[str, 
     }
 
 
-def choose_variant(auc_fp32: float, auc_int8: float | None,
-                   tolerance: float = INT8_AUC_TOLERANCE) -> str:
-    """Return "int8" unless it is missing or costs more than ``tolerance`` AUC, else "fp32"."""
-    if auc_int8 is None or not np.isfinite(auc_int8) or auc_fp32 - auc_int8 > tolerance:
-        return "fp32"
-    return "int8"
-
-
 def run(checkpoint: str | Path, calibration_json: str | Path, samples: Sequence[Any],
         out_dir: str | Path, name: str, cal_cfg: Any, work_dir: str | Path,
-        n_calib: int = 256, int8: bool = True, threads: int = 2) -> dict[str, Any]:
-    """Export fp32 and int8, evaluate both on val, ship the chosen one with its card.
+        n_calib: int = 256, int8: bool = True, threads: int = 2,
+        recipes: Sequence[str] | None = None) -> dict[str, Any]:
+    """Export fp32 and the int8 ``recipes``, measure each on val, ship the chosen one.
 
-    Writes ``<out_dir>/<name>.onnx`` and ``<out_dir>/<name>.json``; both variants
-    stay under ``work_dir``. Returns the card. Raises InputError on bad inputs.
+    Writes ``<out_dir>/<name>.onnx`` and ``<out_dir>/<name>.json``; every variant
+    stays under ``work_dir``. Returns the card. Raises InputError on bad inputs.
     """
     import shutil
 
     from triage.core.errors import InputError
-    from triage.training.train import file_sha256, load_checkpoint
+    from triage.training.train import load_checkpoint
 
     model, meta = load_checkpoint(checkpoint)
     try:
@@ -309,19 +294,21 @@ def run(checkpoint: str | Path, calibration_json: str | Path, samples: Sequence[
         tr = [s for s in samples if s.split == "train"]
         pick = [tr[i] for i in sorted(rng.choice(len(tr), min(n_calib, len(tr)), replace=False))]
         x_cal, _ = _prepared(pick, meta, "prepare int8 calibration")
-        paths["int8"] = quantize_int8(paths["fp32"], work / f"{name}.int8.onnx", x_cal)
+        for recipe in recipes if recipes is not None else quantize.RECIPES:
+            paths[recipe] = quantize.quantize(paths["fp32"], work / f"{name}.{recipe}.onnx",
+                                              x_cal, recipe)
     results = {k: run_session(onnx_session(p, threads), x_val, outputs=OUTPUT_NAMES)
                for k, p in paths.items()}
     with torch.inference_mode():
         torch_prob = net(torch.as_tensor(x_val[:32]))[0].numpy()
     evals = {k: _evaluate(r["probability"], y_val, cal_cfg) for k, r in results.items()}
-    variants = {k: {"auc": evals[k]["validation"]["auc"], "bytes": paths[k].stat().st_size,
-                    "sha256": file_sha256(paths[k])} for k in paths}
+    variants = measure_variants(paths, results, evals, x_val, threads)
     variants["fp32"]["max_abs_diff_vs_torch"] = float(
         np.abs(results["fp32"]["probability"][:32] - torch_prob).max())
-    chosen = choose_variant(variants["fp32"]["auc"], variants.get("int8", {}).get("auc"))
-    log.info("fp32 AUC %.4f, int8 AUC %s -> shipping %s", variants["fp32"]["auc"],
-             variants.get("int8", {}).get("auc"), chosen)
+    chosen = quantize.choose(variants)
+    log.info("variants: %s -> shipping %s", ", ".join(
+        f"{k} AUC {v['auc']:.4f} max|dp| {v['agreement']['max_abs_diff']:.4f}"
+        for k, v in variants.items()), chosen)
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     shutil.copyfile(paths[chosen], out / f"{name}.onnx")
@@ -330,10 +317,41 @@ def run(checkpoint: str | Path, calibration_json: str | Path, samples: Sequence[
     feature_shape = list(results[chosen]["cam"].shape[1:])
     channels = int(model.last_channel)  # type: ignore[arg-type]
     card = build_card(meta, cal, shipped, variants, [channels, *feature_shape])
+    card["selftest"] = selftest.card_entry(onnx_session(paths[chosen], threads, optimize=False),
+                                           size, card["cpu"])
     card["out_of_distribution"] = _fit_ood(paths[chosen], samples, meta, results[chosen],
                                            out / f"{name}.ood.onnx", threads)
     write_json(out / f"{name}.json", card)
     return card
+
+
+def measure_variants(paths: dict[str, Path], results: dict[str, dict[str, np.ndarray]],
+                     evals: dict[str, dict[str, Any]], x_val: np.ndarray,
+                     threads: int) -> dict[str, dict[str, Any]]:
+    """Return, per variant, AUC, size, sha256, speed and agreement with its reference.
+
+    Tier changes count at each variant's own operating points; throughput is one
+    image a run in the daemon's session (and onnxruntime's default, where they
+    differ). The figures are only as good as the machine: the card's ``cpu`` says
+    which one measured them.
+    """
+    from triage.inference.model import card_thresholds
+    from triage.training.train import file_sha256
+
+    fp32_probs = results["fp32"]["probability"]
+    out: dict[str, dict[str, Any]] = {}
+    for k, p in paths.items():
+        thr = card_thresholds(evals[k])
+        entry: dict[str, Any] = {
+            "auc": evals[k]["validation"]["auc"], "bytes": p.stat().st_size,
+            "sha256": file_sha256(p), "saturation_free": quantize.saturation_free(k),
+            "agreement": quantize.agreement(p, x_val, thr, fp32_probs, threads),
+            "images_per_s_b1": quantize.throughput(p, x_val, threads)}
+        if entry["agreement"]["integer_kernels_possible"]:
+            entry["images_per_s_b1_fused"] = quantize.throughput(p, x_val, threads,
+                                                                 fuse_int8=True)
+        out[k] = entry
+    return out
 
 
 def _fit_ood(model_path: Path, samples: Sequence[Any], meta: dict[str, Any],
