@@ -241,6 +241,7 @@ class ModelConfig:
     threads: int = 2
     site_profile: str = ""
     prototypes: str = ""
+    allow_cpu_mismatch: bool = False
 
     def __post_init__(self) -> None:
         _check(bool(self.path), "model.path", "must not be empty")

@@ -17,6 +17,7 @@ from dicom_io.scp import ScpSettings, StoreScp
 from dicom_io.spool import Spool
 from triage.config import Config
 from triage.core.errors import TriageError
+from triage.inference import selftest
 from triage.inference.guard import load_guard
 from triage.inference.model import OnnxModel
 from triage.profile import SiteProfile, applied_thresholds, drift_reference, read_profile
@@ -63,6 +64,8 @@ class Daemon:
     # With a shared database: this daemon's lease on the leader's jobs (None: the only daemon).
     leader: LeaderLease | None = None
     _seen: object = None  # the store's fingerprint at the last render-on-change
+    # What the operator chose to run with anyway (a failed model self-test).
+    warnings: tuple[str, ...] = ()
 
     def is_leader(self) -> bool:
         """Whether this daemon runs the leader's jobs now (always, when it is the only one)."""
@@ -103,8 +106,12 @@ class Daemon:
 
     def health(self) -> tuple[bool, dict[str, Any]]:
         """Whether the listener, the scheduler and the worker are alive, with the detail."""
-        return health({"listener": lambda: self.scp.alive, "scheduler": lambda: self.jobs.alive,
-                       "worker": lambda: self.worker.alive})
+        ok, detail = health({"listener": lambda: self.scp.alive,
+                             "scheduler": lambda: self.jobs.alive,
+                             "worker": lambda: self.worker.alive})
+        if self.warnings:  # alive, but not as validated: say so without failing the probe
+            detail["warnings"] = list(self.warnings)
+        return ok, detail
 
     def _on_result(self, result_id: int) -> None:
         if self.metrics is not None and result_id:
@@ -225,6 +232,7 @@ def build_daemon(cfg: Config) -> Daemon:
     check_exposure(cfg.web)
     # The model and any site profile are checked before anything is created on disk.
     model = load_model(cfg)
+    warnings = check_model_on_this_cpu(cfg, model)
     profile = load_site_profile(cfg, model)
     guard = load_guard(cfg.guard, model.card)
     prototypes = load_prototypes(cfg, model)
@@ -251,7 +259,7 @@ def build_daemon(cfg: Config) -> Daemon:
     if lock is not None:
         lock.acquire()
     try:
-        return _wire(cfg, model, profile, guard, lock, prototypes)
+        return _wire(cfg, model, profile, guard, lock, prototypes, warnings)
     except BaseException:
         if lock is not None:
             lock.release()
@@ -272,7 +280,8 @@ def open_store(cfg: Config) -> Store:
 
 
 def _wire(cfg: Config, model: OnnxModel, profile: SiteProfile | None, guard: Any,
-          lock: DataDirLock | None, prototypes: Any = None) -> Daemon:
+          lock: DataDirLock | None, prototypes: Any = None,
+          warnings: tuple[str, ...] = ()) -> Daemon:
     st = cfg.storage
     try:
         spool = Spool(st.spool_dir, fsync=st.fsync, min_free_bytes=st.min_free_mb * 2**20)
@@ -286,7 +295,7 @@ def _wire(cfg: Config, model: OnnxModel, profile: SiteProfile | None, guard: Any
                           gate=None if leader is None else lambda: leader.held)
     worker = ScoringWorker(cfg, store, model, st.root, profile=profile, guard=guard, node=node,
                            prototypes=prototypes)
-    pages = Pages(store, st.root / "www", model_info(worker), cfg.worklist,
+    pages = Pages(store, st.root / "www", model_info(worker, warnings), cfg.worklist,
                   gate=None if leader is None else lambda: leader.held)
     pages.explainer = Explainer(st.root, model.path, dict(model.card))  # LIME on demand
     scp = StoreScp(scp_settings(cfg), spool, CountingRecorder(store, metrics))
@@ -294,15 +303,36 @@ def _wire(cfg: Config, model: OnnxModel, profile: SiteProfile | None, guard: Any
               metrics_content_type=METRICS_CONTENT_TYPE)
     app = build_app(pages, st.root, cfg.web, ops)
     daemon = Daemon(cfg, store, spool, scp, worker, pages, WebServer(cfg.web, app), sender,
-                    lock=lock, metrics=metrics, leader=leader)
+                    lock=lock, metrics=metrics, leader=leader, warnings=warnings)
     return daemon
 
 
-def model_info(worker: ScoringWorker) -> ModelInfo:
+def model_info(worker: ScoringWorker, warnings: tuple[str, ...] = ()) -> ModelInfo:
     """Return what the pages show of the worker's model (thresholds with overrides applied)."""
     card = worker.model.card
     return ModelInfo(worker.model_name, worker.model_sha, str(card.get("created", "")),
-                     dict(worker.thresholds), worker.thresholds_source)
+                     dict(worker.thresholds), worker.thresholds_source, warnings)
+
+
+def check_model_on_this_cpu(cfg: Config, model: OnnxModel) -> tuple[str, ...]:
+    """Run the model's self-test with the daemon's own session; return the warnings to show.
+
+    Raises TriageError (one line, naming the CPU's features) on a mismatch unless
+    ``model.allow_cpu_mismatch`` is set; then the mismatch is returned as a warning
+    for the worklist banner and ``/healthz``. A card whose self-test block cannot
+    be used is a TriageError too.
+    """
+    result = selftest.check(model.session, model.card, model.path, cfg.model.threads)
+    if result.ok:
+        log.info("%s", result.message)
+        return ()
+    if not cfg.model.allow_cpu_mismatch:
+        raise TriageError(f"{result.message}: scores here would differ from the validated "
+                          f"ones; refusing to start (set model.allow_cpu_mismatch = true to "
+                          f"run anyway)")
+    log.warning("%s: running anyway (model.allow_cpu_mismatch = true)", result.message)
+    return (f"{result.message}. Scores and tiers may differ from the model card's; running "
+            f"because model.allow_cpu_mismatch = true.",)
 
 
 def load_model(cfg: Config) -> OnnxModel:

@@ -60,6 +60,8 @@ class ModelInfo:
     created: str
     thresholds: dict[str, float | None]
     thresholds_source: str = "model card"
+    # Shown on every page's banner: e.g. a model self-test that failed on this CPU.
+    warnings: tuple[str, ...] = ()
 
     @property
     def version(self) -> str:
