@@ -278,6 +278,23 @@ def test_results_of_another_model_are_not_mixed_in(archive: tuple[Path, Path],
         run(Options(*archive, out, progress=False), replay_cfg(), other)
 
 
+def test_the_report_says_when_this_cpu_does_not_score_as_the_card(
+        archive: tuple[Path, Path], in_process: tuple[Path, dict[str, Any]], model: OnnxModel,
+        tmp_path: Path) -> None:
+    meta = in_process[1]["meta"]
+    assert meta["selftest"]["ok"] is True and not any("self-test" in w for w in meta["warnings"])
+    out = tmp_path / "cpu"
+    shutil.copytree(in_process[0], out)
+    card = json.loads(json.dumps(model.card))
+    card["selftest"]["probability"] = [p + 0.2 if p < 0.5 else p - 0.2
+                                       for p in card["selftest"]["probability"]]
+    report = run(Options(*archive, out, progress=False), replay_cfg(),
+                 OnnxModel(model.path, card))
+    assert report["meta"]["selftest"]["ok"] is False
+    assert any("does NOT agree" in w for w in report["meta"]["warnings"])
+    assert "does NOT agree" in (out / "report.html").read_text()
+
+
 # --- the command line and the inputs -------------------------------------------------------
 
 def test_cli_resumes_and_writes_the_reports(archive: tuple[Path, Path],

@@ -198,6 +198,24 @@ def _meta(opts: Options, card: Mapping[str, Any] | None, records: Sequence[Study
             "warnings": warnings}
 
 
+def _selftest(model: Any, cfg: Any, warnings: list[str]) -> dict[str, Any] | None:
+    """Return the model self-test on this CPU (None for a scorer without a session); a
+    mismatch or an unusable card block becomes a warning on the report."""
+    from triage.inference import selftest
+
+    if getattr(model, "session", None) is None:
+        return None
+    try:
+        result = selftest.check(model.session, model.card, model.path, cfg.model.threads)
+    except TriageError as e:
+        warnings.append(f"model self-test not possible: {e}")
+        return None
+    if not result.ok:
+        warnings.append(f"{result.message}: this replay's scores may differ from what the "
+                        f"model scores on the machine that validated it")
+    return result.to_dict()
+
+
 def run(opts: Options, cfg: Any, model: Any = None, card: Mapping[str, Any] | None = None
         ) -> dict[str, Any]:
     """Replay ``opts.archive``; write DIR/results.jsonl, report.json and report.html.
@@ -236,7 +254,10 @@ def run(opts: Options, cfg: Any, model: Any = None, card: Mapping[str, Any] | No
     if report["unmatched_labels"]["count"]:
         log.warning("%d label rows match no study in the archive (listed in report.json)",
                     report["unmatched_labels"]["count"])
-    report = {"meta": _meta(opts, card, records, skipped, warnings), **report}
+    meta = _meta(opts, card, records, skipped, warnings)
+    if opts.via is None:
+        meta["selftest"] = _selftest(model, cfg, warnings)
+    report = {"meta": meta, **report}
     write_atomic(opts.out / "report.json", json.dumps(report, indent=2, allow_nan=False))
     write_atomic(opts.out / "report.html", render(report, inputs))
     return report
