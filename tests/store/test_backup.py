@@ -19,6 +19,7 @@ from sqlalchemy import select
 
 from tests import synth
 from tests.conftest import send, storescu, wait_for
+from tests.peers import StoreScp
 from triage.service.daemon import Daemon
 from triage.store import backup as bk
 from triage.store import schema as db
@@ -89,6 +90,13 @@ def all_scored(d: Daemon) -> bool:
     return bool(states) and all(st == db.SCORED for st in states)
 
 
+def sent(d: Daemon) -> bool:
+    """True when daemon ``d`` has outbox rows and every one is sent."""
+    with d.store.read() as s:
+        states = list(s.scalars(select(db.Delivery.state)))
+    return bool(states) and all(st == db.SENT for st in states)
+
+
 @pytest.fixture(params=["sqlite", "postgresql"])
 def db_url(request: pytest.FixtureRequest) -> str:
     """'' (the SQLite file in the data directory) or a new, empty PostgreSQL database."""
@@ -100,11 +108,17 @@ def test_backup_under_load_restores_every_acknowledged_instance_and_result(
         daemon_factory: Callable[..., Daemon], tmp_path: Path, db_url: str,
         request: pytest.FixtureRequest) -> None:
     var, dest, new = tmp_path / "var", tmp_path / "backup", tmp_path / "restored"
-    over = {"database.url": db_url} if db_url else {}
+    pacs = StoreScp(tmp_path / "pacs").start()
+    request.addfinalizer(pacs.stop)
+    # A PACS to send results to, so the backup also holds built SR and overlay objects.
+    over = {"results.destinations": [{"ae_title": "PACS", "host": "127.0.0.1",
+                                      "port": pacs.port}],
+            **({"database.url": db_url} if db_url else {})}
     d = daemon_factory(var, **over)
     first = synth.write_study(tmp_path / "first", n_images=2, spec=SMALL)
     assert storescu(d.dicom_port, *first).returncode == 0
     wait_for(lambda: all_scored(d), timeout=120)
+    wait_for(lambda: sent(d), timeout=120)  # its SR and overlays built and delivered
     with Stream(d.dicom_port) as stream:
         wait_for(lambda: len(stream.acked) >= 3, timeout=120)
         # What was acknowledged and decided before the backup started.
@@ -117,7 +131,7 @@ def test_backup_under_load_restores_every_acknowledged_instance_and_result(
     assert "backed up the database (revision 0013)" in run.stdout
     manifest = json.loads((dest / "manifest.json").read_text())
     assert manifest["missing"] == []
-    assert all(rel.startswith(("spool/", "heatmaps/", "results/")) for rel in manifest["files"])
+    assert {rel.split("/")[0] for rel in manifest["files"]} == {"spool", "heatmaps", "outbox"}
 
     # Restore into an empty directory (and an empty database) and check the record.
     new_url = str(request.getfixturevalue("pg_server").create_database()) if db_url else ""
