@@ -156,7 +156,7 @@ def test_restore_refuses_a_used_directory_and_a_damaged_backup(
     assert send(d.dicom_port, [synth.make_dataset(SMALL)]) == [0]
     wait_for(lambda: all_scored(d), timeout=120)
     summary = bk.backup(var, "", dest)
-    assert summary.files >= 2  # the instance and its heatmap
+    assert summary.files >= 2 and summary.missing == ()  # the instance and its heatmap
     # Not into the daemon's own directory, nor into a used one.
     run = cli("restore", "--data-dir", str(var), str(dest))
     assert run.returncode == 2 and "is not empty" in run.stderr, run.stderr
@@ -185,3 +185,20 @@ def test_restore_refuses_a_used_directory_and_a_damaged_backup(
     (dest / "manifest.json").unlink()
     run = cli("restore", "--data-dir", str(target), str(dest))
     assert run.returncode == 2 and "not a triage backup" in run.stderr
+
+
+def test_a_referenced_file_gone_before_it_is_copied_is_listed_as_missing(
+        daemon_factory: Callable[..., Daemon], tmp_path: Path) -> None:
+    var = tmp_path / "var"
+    d = daemon_factory(var)
+    assert send(d.dicom_port, [synth.make_dataset(SMALL)]) == [0]
+    wait_for(lambda: all_scored(d), timeout=120)
+    heatmap = next((var / "heatmaps").rglob("*.png"))
+    heatmap.unlink()  # as retention would between the snapshot and the copy
+    rel = heatmap.relative_to(var).as_posix()
+    run = cli("backup", "--data-dir", str(var), str(tmp_path / "b"))
+    assert run.returncode == 0, run.stderr
+    assert "1 referenced file(s) were already gone" in run.stdout
+    manifest = json.loads((tmp_path / "b" / "manifest.json").read_text())
+    assert manifest["missing"] == [rel] and rel not in manifest["files"]
+    assert cli("restore", "--data-dir", str(tmp_path / "r"), str(tmp_path / "b")).returncode == 0

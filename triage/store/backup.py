@@ -34,7 +34,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from sqlalchemy import text
+from sqlalchemy import inspect, text
 from sqlalchemy.engine import Connection, make_url
 
 from triage import __version__
@@ -129,10 +129,9 @@ def referenced_files(conn: Connection) -> list[str]:
 
 
 def _revision(conn: Connection) -> str | None:
-    try:
-        return conn.execute(text("SELECT version_num FROM alembic_version")).scalar()
-    except Exception:  # an empty database has no such table
+    if not inspect(conn).has_table("alembic_version"):  # never migrated
         return None
+    return conn.execute(text("SELECT version_num FROM alembic_version")).scalar()
 
 
 def _empty_dest(dest: Path, what: str) -> None:
@@ -197,7 +196,7 @@ def _sqlite_snapshot(db_path: Path, dest: Path) -> tuple[dict[str, Any], list[st
                           "directory?")
     out = dest / SQLITE_FILE
     # Opened read-write so SQLite can take its shared WAL lock; nothing is written.
-    src = sqlite3.connect(f"file:{db_path}?mode=rw", uri=True, timeout=30)
+    src = sqlite3.connect(f"{db_path.as_uri()}?mode=rw", uri=True, timeout=30)
     dst = sqlite3.connect(out)
     try:
         src.execute("PRAGMA busy_timeout=30000")
@@ -217,7 +216,8 @@ def _sqlite_snapshot(db_path: Path, dest: Path) -> tuple[dict[str, Any], list[st
     engine = make_engine(out)
     try:
         with engine.connect() as conn:
-            rels, revision = referenced_files(conn), _revision(conn)
+            revision = _revision(conn)
+            rels = referenced_files(conn) if revision is not None else []
     finally:
         engine.dispose()
     digest, size = sha256_file(out)
@@ -254,7 +254,11 @@ def _pg_snapshot(database_url: str, dest: Path) -> tuple[dict[str, Any], list[st
             conn = conn.execution_options(isolation_level="REPEATABLE READ")
             with conn.begin():
                 snap = conn.execute(text("SELECT pg_export_snapshot()")).scalar()
-                rels, revision = referenced_files(conn), _revision(conn)
+                revision = _revision(conn)
+                if revision is None:
+                    raise BackupError("the database in database.url holds no triage tables: "
+                                      "has `triage serve` run with it?")
+                rels = referenced_files(conn)
                 # pg_dump sees exactly what this transaction sees, while it stays open.
                 _run(["pg_dump", "--no-owner", "--no-privileges", f"--snapshot={snap}",
                       "--file", str(out), "--dbname", uri], env, "pg_dump")
