@@ -170,6 +170,15 @@ def test_restore_refuses_a_used_directory_and_a_damaged_backup(
         bk.backup(var, "", dest)
     with pytest.raises(BackupError, match="inside the data directory"):
         bk.backup(var, "", var / "b")
+    # A backup from a newer triage (its revision unknown here) is not restored by this one.
+    manifest_path = dest / "manifest.json"
+    original = manifest_path.read_text()
+    manifest_path.chmod(0o600)
+    manifest_path.write_text(original.replace('"revision": "0013"', '"revision": "0099"'))
+    run = cli("restore", "--data-dir", str(tmp_path / "newer"), str(dest))
+    assert run.returncode == 2 and "revision '0099'" in run.stderr, run.stderr
+    assert "restore it with the triage that took it" in run.stderr
+    manifest_path.write_text(original)
     # One flipped byte in one file: refused before anything is written.
     rel = next(iter(json.loads((dest / "manifest.json").read_text())["files"]))
     f = dest / "data" / rel
