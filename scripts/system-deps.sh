@@ -4,7 +4,8 @@
 # (dciodvfy), Orthanc (the PACS the results tests send to) and openssl (the
 # TLS test's throw-away CA), strace (the test that records the system calls
 # of one C-STORE) and PostgreSQL (the tests run initdb and pg_ctl in a temp dir;
-# Debian keeps them off PATH, under /usr/lib/postgresql/VERSION/bin).
+# Debian keeps them off PATH, under /usr/lib/postgresql/VERSION/bin; its client
+# package brings pg_dump and psql, which triage backup and restore run).
 set -euo pipefail
 need=()
 command -v storescu >/dev/null 2>&1 && command -v dsrdump >/dev/null 2>&1 || need+=(dcmtk)

@@ -135,3 +135,16 @@ def test_prototype_revision_keeps_image_results_with_no_finding(target: Path | s
     dbm.upgrade(engine)
     with engine.connect() as c:
         assert c.execute(text("SELECT prototype_class FROM image_results")).all() == [(None,)]
+
+
+def test_a_database_from_a_newer_triage_is_refused_and_left_alone(target: Path | str) -> None:
+    engine = dbm.open_db(target)
+    with engine.begin() as c:
+        c.execute(text("UPDATE alembic_version SET version_num = '0099'"))
+    engine.dispose()
+    with pytest.raises(dbm.UnknownRevision, match="revision '0099', which triage .* does not "
+                                                  "know: a newer triage has upgraded it"):
+        dbm.open_db(target)
+    engine = dbm.make_engine(target)
+    assert dbm.current_revision(engine) == "0099"  # nothing was migrated or stamped
+    engine.dispose()

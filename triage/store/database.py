@@ -18,7 +18,8 @@ from sqlalchemy import create_engine, event, text
 from sqlalchemy.engine import Engine, make_url
 from sqlalchemy.orm import Session
 
-from triage import resources
+from triage import __version__, resources
+from triage.core.errors import TriageError
 
 log = logging.getLogger(__name__)
 
@@ -130,19 +131,52 @@ def current_revision(engine: Engine) -> str | None:
         return MigrationContext.configure(conn).get_current_revision()
 
 
+class UnknownRevision(TriageError):
+    """The database was migrated by a newer triage than this one: its revision is unknown here."""
+
+
+def known_revisions() -> tuple[set[str], str]:
+    """Return (every revision this code ships, its head)."""
+    from alembic.script import ScriptDirectory
+
+    scripts = ScriptDirectory(str(resources.path("migrations")))
+    return {r.revision for r in scripts.walk_revisions()}, str(scripts.get_current_head())
+
+
+def check_revision(engine: Engine) -> str | None:
+    """Return the database's revision (None when empty) after checking this code knows it.
+
+    Raises UnknownRevision when a newer triage has migrated the database: Alembic cannot
+    downgrade from a revision it has no script for, and running old code on a newer
+    schema could lose what the newer code records.
+    """
+    current = current_revision(engine)
+    known, head = known_revisions()
+    if current is not None and current not in known:
+        raise UnknownRevision(
+            f"the database is at revision {current!r}, which triage {__version__} (newest "
+            f"revision {head!r}) does not know: a newer triage has upgraded it; run that "
+            "version, or restore a backup taken before the upgrade")
+    return current
+
+
 def open_db(target: Path | str) -> Engine:
     """Open the database (a SQLite path or URL, created if needed and readable by the
     daemon's user only; or a PostgreSQL URL) and upgrade it to head; return the engine.
 
-    Raises ValueError for an unsupported URL and SQLAlchemy's OperationalError when the
-    server cannot be reached."""
+    Raises ValueError for an unsupported URL, SQLAlchemy's OperationalError when the
+    server cannot be reached, and UnknownRevision when a newer triage has migrated it."""
     path = sqlite_path(target)
     if path is not None:
         path.parent.mkdir(parents=True, exist_ok=True)
         # Created 0600 before SQLite opens it: SQLite gives its -wal and -shm files the same mode.
         os.close(os.open(path, os.O_RDWR | os.O_CREAT, 0o600))
     engine = make_engine(path if path is not None else target)
-    before = current_revision(engine)
+    try:
+        before = check_revision(engine)
+    except UnknownRevision:
+        engine.dispose()
+        raise
     upgrade(engine)
     after = current_revision(engine)
     if before != after:
