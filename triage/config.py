@@ -531,8 +531,10 @@ _HOST_LABEL = re.compile(r"(?!-)[A-Za-z0-9-]{1,63}(?<!-)")
 SEND_KINDS = ("sr", "overlay")
 DESTINATION_KINDS = ("dicom", "hl7", "fhir")
 HL7_MESSAGES = ("oru", "oru+orm")
-# The port a destination listens on when the config gives none: DICOM's 104, MLLP's 2575.
+# The port a destination listens on when the config gives none: DICOM's 104, MLLP's 2575
+# (a FHIR server's port is in its URL). UNSET marks "not given" (0 stays an error).
 DEFAULT_PORTS = {"dicom": 104, "hl7": 2575, "fhir": 0}
+UNSET_PORT = -1
 _HL7_NAME = re.compile(r"[^|^~\\&\r\n]{0,40}")  # no HL7 delimiters in MSH-3..6
 
 
@@ -544,7 +546,7 @@ class DestinationConfig:
     kind: str = "dicom"  # dicom | hl7 | fhir
     ae_title: str = ""
     host: str = ""
-    port: int = 0  # 0: the kind's usual port (104 for dicom, 2575 for hl7)
+    port: int = UNSET_PORT  # not given: the kind's usual port (104 for dicom, 2575 for hl7)
     send: tuple[str, ...] = SEND_KINDS
     name: str = ""
     tls: bool = False
@@ -569,7 +571,7 @@ class DestinationConfig:
         _check(self.kind in DESTINATION_KINDS, f"{key}.kind",
                f"{self.kind!r} is not one of {', '.join(DESTINATION_KINDS)}"
                + _suggest(self.kind, DESTINATION_KINDS))
-        if self.port == 0:
+        if self.port == UNSET_PORT:
             object.__setattr__(self, "port", DEFAULT_PORTS[self.kind])
         {"dicom": self._check_dicom, "hl7": self._check_hl7, "fhir": self._check_fhir}[self.kind]()
         _check(len(self.label) <= 64 and self.label.isprintable(), f"{key}.name",
