@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import ssl
 import threading
 from collections.abc import Callable
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -36,8 +37,9 @@ class MllpRis:
     and never answer (as a RIS that hangs). It can be swapped while the peer runs.
     """
 
-    def __init__(self, port: int | None = None) -> None:
+    def __init__(self, port: int | None = None, tls: ssl.SSLContext | None = None) -> None:
         self.port = port or free_port()
+        self.tls = tls
         self.answer: Callable[[hl7.Message], str] = lambda m: "AA"
         self.received: list[hl7.Message] = []
         self._lock = threading.Lock()
@@ -53,7 +55,7 @@ class MllpRis:
             loop = asyncio.new_event_loop()
             self._loop = loop
             self._server = loop.run_until_complete(
-                hl7.mllp.start_hl7_server(self._client, "127.0.0.1", self.port))
+                hl7.mllp.start_hl7_server(self._client, "127.0.0.1", self.port, ssl=self.tls))
             ready.set()
             loop.run_forever()
             self._server.close()

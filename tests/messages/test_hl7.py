@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import hl7
-from hypothesis import given
+from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from tests.messages.facts_for_tests import facts
@@ -65,6 +65,7 @@ def test_orm_sets_the_order_priority() -> None:
     assert str(m.segment("OBR")[3]) == "ACC-77"
 
 
+@settings(deadline=None, max_examples=60)  # building and validating is slow on a busy machine
 @given(st.text(alphabet=st.characters(codec="utf-8", exclude_categories=("Cs",)), max_size=40))
 def test_no_value_can_change_the_message_structure(text: str) -> None:
     m = hl7.parse(build_oru(facts(patient_id=text, accession=text, patient_name=text,
