@@ -116,6 +116,7 @@ class FhirServer:
         self.refuse = False  # answer 400 even to a valid Bundle (a business-rule refusal)
         self.bundles: list[Bundle] = []
         self.posts = 0
+        self.auth: set[str] = set()  # the Authorization headers seen
         self._lock = threading.Lock()
         self._httpd: ThreadingHTTPServer | None = None
 
@@ -134,6 +135,7 @@ class FhirServer:
 
             def do_POST(self) -> None:  # noqa: N802 - the stdlib's spelling
                 body = self.rfile.read(int(self.headers.get("Content-Length", 0)))
+                peer.auth.add(self.headers.get("Authorization", ""))
                 code, doc = peer.answer(self.path, self.headers.get("Content-Type", ""), body)
                 raw = json.dumps(doc).encode()
                 self.send_response(code)

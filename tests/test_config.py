@@ -176,6 +176,7 @@ def test_hl7_and_fhir_destinations_take_their_defaults_and_are_checked() -> None
      "'results.destinations.sending_facility'"),
     ({"kind": "fhir"}, "'results.destinations.url': is required"),
     ({"kind": "fhir", "url": "ftp://x"}, "'results.destinations.url'"),
+    ({"kind": "fhir", "url": "https://u:p@x/fhir"}, "must not carry credentials"),
     ({"kind": "fhir", "url": "http://x", "bearer_token": "t", "basic_user": "u",
       "basic_password": "p"}, "'results.destinations.bearer_token'"),
     ({"kind": "fhir", "url": "http://x", "basic_user": "u"}, "'results.destinations.basic_user'"),

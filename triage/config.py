@@ -614,6 +614,8 @@ class DestinationConfig:
         key = "results.destinations"
         _check(self.url.startswith(("http://", "https://")) and " " not in self.url,
                f"{key}.url", "is required: the FHIR server's base URL (http:// or https://)")
+        _check("@" not in self.url.split("/")[2], f"{key}.url",
+               "must not carry credentials (use bearer_token or basic_user/basic_password)")
         _check(not (self.bearer_token and self.basic_user), f"{key}.bearer_token",
                "set a bearer token or basic_user/basic_password, not both")
         _check(bool(self.basic_user) == bool(self.basic_password), f"{key}.basic_user",

@@ -129,7 +129,7 @@ def test_ris_down_for_20_s_then_gets_one_oru_per_study_and_the_ehr_one_report_ea
             assert [float(v) for v in obx(m, "TRIAGE-P")] == [pytest.approx(p, abs=1e-4)]
         assert str(m.segment("MSH")[5]) == "RIS"
     reports = ehr.reports()
-    assert len(reports) == 3
+    assert len(reports) == 3 and ehr.auth == {"Bearer t0ken"}
     by_acc = {next(i.value for i in r.identifier if i.type): r for r in reports}
     for n in (1, 2):
         report = by_acc[f"ACC-{n}"]
