@@ -6,6 +6,7 @@ import dataclasses
 import subprocess
 import sys
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -155,6 +156,38 @@ def test_bad_destination_is_rejected_naming_the_key(data: dict, expected: str) -
     assert expected in str(e.value)
 
 
+def test_hl7_and_fhir_destinations_take_their_defaults_and_are_checked() -> None:
+    cfg = config.from_dict({"results": {"destinations": [
+        {"kind": "hl7", "host": "ris.example.org"},
+        {"kind": "hl7", "host": "127.0.0.1", "port": 6661, "message": "oru+orm"},
+        {"kind": "fhir", "url": "http://127.0.0.1:8080/fhir"}]}})
+    a, b, c = cfg.results.destinations
+    assert (a.port, a.label, b.label, c.label) == (2575, "hl7:ris.example.org:2575",
+                                                   "hl7:127.0.0.1:6661", "http://127.0.0.1:8080/fhir")
+    assert [d.label for d in cfg.results.wants("orm")] == [b.label]
+    assert config.from_dict({"results": {"destinations": [
+        {"ae_title": "PACS", "host": "h"}]}}).results.destinations[0].port == 104
+
+
+@pytest.mark.parametrize(("dest", "expected"), [
+    ({"kind": "hl7"}, "'results.destinations.host': is required"),
+    ({"kind": "hl7", "host": "h", "message": "orm"}, "'results.destinations.message'"),
+    ({"kind": "hl7", "host": "h", "sending_facility": "A|B"},
+     "'results.destinations.sending_facility'"),
+    ({"kind": "fhir"}, "'results.destinations.url': is required"),
+    ({"kind": "fhir", "url": "ftp://x"}, "'results.destinations.url'"),
+    ({"kind": "fhir", "url": "https://u:p@x/fhir"}, "must not carry credentials"),
+    ({"kind": "fhir", "url": "http://x", "bearer_token": "t", "basic_user": "u",
+      "basic_password": "p"}, "'results.destinations.bearer_token'"),
+    ({"kind": "fhir", "url": "http://x", "basic_user": "u"}, "'results.destinations.basic_user'"),
+    ({"kind": "hl8", "host": "h"}, "did you mean 'hl7'?"),
+])
+def test_bad_message_destinations_are_refused(dest: dict[str, Any], expected: str) -> None:
+    with pytest.raises(ConfigError) as e:
+        config.from_dict({"results": {"destinations": [dest]}})
+    assert expected in str(e.value)
+
+
 def test_destinations_in_toml_as_the_shipped_comment_shows_them(tmp_path: Path) -> None:
     example = [ln[2:] for ln in (REPO / "config.toml").read_text().splitlines()
                if ln.startswith("# ") and ("[[results.destinations]]" in ln or " = " in ln)
@@ -162,7 +195,10 @@ def test_destinations_in_toml_as_the_shipped_comment_shows_them(tmp_path: Path) 
     start = example.index("[[results.destinations]]")
     path = tmp_path / "c.toml"
     path.write_text("\n".join(example[start:]) + "\n")
-    [dest] = config.load(path).results.destinations
+    dest, ris, ehr = config.load(path).results.destinations
     assert (dest.ae_title, dest.host, dest.port, dest.send) == ("PACS", "127.0.0.1", 4242,
                                                                 ("sr", "overlay"))
     assert dest.tls is False and dest.label == "PACS@127.0.0.1:4242"
+    assert (ris.kind, ris.port, ris.message, ris.label, ris.objects) == (
+        "hl7", 2575, "oru", "ris", ("oru",))
+    assert (ehr.kind, ehr.url, ehr.objects) == ("fhir", "https://ehr.example.org/fhir", ("fhir",))

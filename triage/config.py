@@ -530,15 +530,24 @@ def _check_destination_host(host: str, key: str) -> None:
 
 _HOST_LABEL = re.compile(r"(?!-)[A-Za-z0-9-]{1,63}(?<!-)")
 SEND_KINDS = ("sr", "overlay")
+DESTINATION_KINDS = ("dicom", "hl7", "fhir")
+HL7_MESSAGES = ("oru", "oru+orm")
+# The port a destination listens on when the config gives none: DICOM's 104, MLLP's 2575
+# (a FHIR server's port is in its URL). UNSET marks "not given" (0 stays an error).
+DEFAULT_PORTS = {"dicom": 104, "hl7": 2575, "fhir": 0}
+UNSET_PORT = -1
+_HL7_NAME = re.compile(r"[^|^~\\&\r\n]{0,40}")  # no HL7 delimiters in MSH-3..6
 
 
 @dataclass(frozen=True)
 class DestinationConfig:
-    """One DICOM destination (a PACS) that results are sent to with C-STORE."""
+    """One destination results are sent to: a PACS (DICOM C-STORE), a RIS (HL7 v2 over MLLP) or
+    an EHR (FHIR R4 over HTTP)."""
 
+    kind: str = "dicom"  # dicom | hl7 | fhir
     ae_title: str = ""
     host: str = ""
-    port: int = 104
+    port: int = UNSET_PORT  # not given: the kind's usual port (104 for dicom, 2575 for hl7)
     send: tuple[str, ...] = SEND_KINDS
     name: str = ""
     tls: bool = False
@@ -546,31 +555,94 @@ class DestinationConfig:
     tls_cert_file: str = ""
     tls_key_file: str = ""
     tls_check_hostname: bool = True
+    # HL7 v2 (kind = "hl7"): MSH-3..6 and what is sent per result version.
+    sending_application: str = "TRIAGE"
+    sending_facility: str = ""
+    receiving_application: str = ""
+    receiving_facility: str = ""
+    message: str = "oru"  # oru | oru+orm
+    # FHIR R4 (kind = "fhir"): the server's base URL and how to authenticate.
+    url: str = ""
+    bearer_token: str = ""
+    basic_user: str = ""
+    basic_password: str = ""
 
     def __post_init__(self) -> None:
         key = "results.destinations"
-        _check(bool(self.ae_title), f"{key}.ae_title", "is required (the destination's AE title)")
-        _check_ae(self.ae_title, f"{key}.ae_title")
+        _check(self.kind in DESTINATION_KINDS, f"{key}.kind",
+               f"{self.kind!r} is not one of {', '.join(DESTINATION_KINDS)}"
+               + _suggest(self.kind, DESTINATION_KINDS))
+        if self.port == UNSET_PORT:
+            object.__setattr__(self, "port", DEFAULT_PORTS[self.kind])
+        {"dicom": self._check_dicom, "hl7": self._check_hl7, "fhir": self._check_fhir}[self.kind]()
+        _check(len(self.label) <= 64 and self.label.isprintable(), f"{key}.name",
+               "must be at most 64 printable characters")
+        _check(bool(self.tls_cert_file) == bool(self.tls_key_file), f"{key}.tls_cert_file",
+               "tls_cert_file and tls_key_file must be set together")
+        _check(self.tls or self.kind == "fhir" or not (self.tls_ca_file or self.tls_cert_file),
+               f"{key}.tls", "TLS files are set but tls = false; set tls = true to use them")
+
+    def _check_address(self) -> None:
+        key = "results.destinations"
         _check(bool(self.host), f"{key}.host", "is required")
         _check_destination_host(self.host, f"{key}.host")
         _check(1 <= self.port <= 65535, f"{key}.port", f"port {self.port} is out of range 1..65535")
+
+    def _check_dicom(self) -> None:
+        key = "results.destinations"
+        _check(bool(self.ae_title), f"{key}.ae_title", "is required (the destination's AE title)")
+        _check_ae(self.ae_title, f"{key}.ae_title")
+        self._check_address()
         _check(bool(self.send) and len(set(self.send)) == len(self.send), f"{key}.send",
                f"list what to send, each once: any of {', '.join(SEND_KINDS)}")
         for kind in self.send:
             _check(kind in SEND_KINDS, f"{key}.send",
                    f"{kind!r} is not one of {', '.join(SEND_KINDS)}"
                    + _suggest(kind, SEND_KINDS))
-        _check(len(self.label) <= 64 and self.label.isprintable(), f"{key}.name",
-               "must be at most 64 printable characters")
-        _check(bool(self.tls_cert_file) == bool(self.tls_key_file), f"{key}.tls_cert_file",
-               "tls_cert_file and tls_key_file must be set together")
-        _check(self.tls or not (self.tls_ca_file or self.tls_cert_file), f"{key}.tls",
-               "TLS files are set but tls = false; set tls = true to use them")
+
+    def _check_hl7(self) -> None:
+        key = "results.destinations"
+        self._check_address()
+        _check(self.message in HL7_MESSAGES, f"{key}.message",
+               f"{self.message!r} is not one of {', '.join(HL7_MESSAGES)}"
+               + _suggest(self.message, HL7_MESSAGES))
+        for name in ("sending_application", "sending_facility", "receiving_application",
+                     "receiving_facility"):
+            _check(bool(_HL7_NAME.fullmatch(getattr(self, name))), f"{key}.{name}",
+                   "at most 40 characters, none of | ^ ~ \\ & or a line break")
+
+    def _check_fhir(self) -> None:
+        key = "results.destinations"
+        _check(self.url.startswith(("http://", "https://")) and " " not in self.url,
+               f"{key}.url", "is required: the FHIR server's base URL (http:// or https://)")
+        _check("@" not in self.url.split("/")[2], f"{key}.url",
+               "must not carry credentials (use bearer_token or basic_user/basic_password)")
+        _check(not (self.bearer_token and self.basic_user), f"{key}.bearer_token",
+               "set a bearer token or basic_user/basic_password, not both")
+        _check(bool(self.basic_user) == bool(self.basic_password), f"{key}.basic_user",
+               "basic_user and basic_password must be set together")
 
     @property
     def label(self) -> str:
-        """The destination's name in the outbox and in status: ``name``, else AE@host:port."""
-        return self.name or f"{self.ae_title}@{self.host}:{self.port}"
+        """The destination's name in the outbox and in status: ``name``, else one made from
+        its address (AE@host:port, hl7:host:port, or the FHIR base URL)."""
+        if self.name:
+            return self.name
+        if self.kind == "hl7":
+            return f"hl7:{self.host}:{self.port}"
+        if self.kind == "fhir":
+            return self.url[:64]
+        return f"{self.ae_title}@{self.host}:{self.port}"
+
+    @property
+    def objects(self) -> tuple[str, ...]:
+        """The kinds of outbox object this destination is sent: "sr"/"overlay" (dicom), "oru"
+        and "orm" (hl7), "fhir"."""
+        if self.kind == "hl7":
+            return ("oru", "orm") if self.message == "oru+orm" else ("oru",)
+        if self.kind == "fhir":
+            return ("fhir",)
+        return self.send
 
 
 @dataclass(frozen=True)
@@ -600,8 +672,9 @@ class ResultsConfig:
         _check(1 <= self.batch_size <= 1000, "results.batch_size", "must be 1..1000")
 
     def wants(self, kind: str) -> list[DestinationConfig]:
-        """Return the destinations that are sent objects of ``kind`` ("sr" or "overlay")."""
-        return [d for d in self.destinations if kind in d.send]
+        """Return the destinations that are sent objects of ``kind`` ("sr", "overlay", "oru",
+        "orm" or "fhir")."""
+        return [d for d in self.destinations if kind in d.objects]
 
 
 @dataclass(frozen=True)

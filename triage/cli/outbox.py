@@ -1,4 +1,5 @@
-"""``triage outbox list`` and ``triage outbox retry``: the dead letters of results sent to the PACS."""
+"""``triage outbox list`` and ``triage outbox retry``: the dead letters of results sent to the PACS,
+the RIS (HL7) or the EHR (FHIR)."""
 
 from __future__ import annotations
 
@@ -64,9 +65,11 @@ def _retry(args: argparse.Namespace) -> int:
 
 def add(sub: SubParsers) -> None:
     """Add ``outbox`` with its ``list`` and ``retry`` subcommands."""
-    p = sub.add_parser("outbox", help="results sent to the PACS: list and retry dead letters",
-                       description="The durable outbox of SRs and overlays sent to the "
-                                   "destinations in [[results.destinations]].")
+    p = sub.add_parser("outbox", help="results sent to the PACS, RIS or EHR: list and retry dead letters",
+                       description="The durable outbox of SRs, overlays, HL7 and FHIR messages "
+                                   "sent to the destinations in [[results.destinations]]. "
+                                   "A dead letter's error may quote what the destination "
+                                   "answered.")
     actions = p.add_subparsers(dest="action", metavar="ACTION")
     actions.required = True
     q = actions.add_parser("list", help="list the dead letters (objects that ran out of attempts)")

@@ -49,7 +49,7 @@ class _StoreCollector(Collector):
                 Alert.kind == "drift", Alert.active.is_(True))) or 0
         yield GaugeMetricFamily("triage_drift_alert", "1 while a drift alert is active",
                                 value=1 if alert else 0)
-        box = GaugeMetricFamily("triage_outbox", "Result objects to the PACS by destination and "
+        box = GaugeMetricFamily("triage_outbox", "Result objects and messages to the PACS, RIS or EHR by destination and "
                                 "state", labels=["destination", "state"])
         for dest, states in sorted(outbox.totals(self.store).items()):
             for state, n in states.items():

@@ -117,8 +117,8 @@ def render(st: dict[str, Any]) -> str:
 
 def _outbox_line(o: dict[str, Any]) -> str:
     if not o["destinations"] and not o["configured"]:
-        return "results to the PACS: none (no [[results.destinations]] configured)"
-    line = (f"results to the PACS: {o[db.PENDING]} pending, {o[db.SENT]} sent, "
+        return "results out: none (no [[results.destinations]] configured)"
+    line = (f"results out (PACS, RIS, EHR): {o[db.PENDING]} pending, {o[db.SENT]} sent, "
             f"{o[db.DEAD]} dead letter{'' if o[db.DEAD] == 1 else 's'}")
     if o[db.DEAD]:
         line += " (`triage outbox list` shows them, `triage outbox retry` queues them again)"

@@ -1,4 +1,5 @@
-"""The outbox sender: C-STOREs results' DICOM objects to the configured destinations.
+"""The outbox sender: C-STOREs results' DICOM objects to the configured destinations, and hands
+HL7 and FHIR destinations' messages to :class:`~triage.service.result_messages.MessageSender`.
 
 A background thread in the daemon. Each round it takes the outbox rows that
 are due (:mod:`triage.store.outbox`), builds any object not built yet (once,
@@ -42,6 +43,7 @@ from triage.config import DestinationConfig, ResultsConfig
 from triage.core.errors import TriageError
 from triage.core.retry import backoff_s
 from triage.service import result_dicom
+from triage.service.result_messages import MessageSender
 from triage.store import outbox
 
 log = logging.getLogger(__name__)
@@ -75,7 +77,9 @@ class OutboxSender:
         # Whether this daemon may send now: with several daemons, only the leader does.
         self.gate = gate
         self.destinations = {d.label: d for d in cfg.destinations}
-        self.tls = {d.label: tls_settings(d) for d in cfg.destinations}  # fail at start, not later
+        # TLS files are loaded now, so a bad one stops start-up rather than a later send.
+        self.tls = {d.label: tls_settings(d) for d in cfg.destinations if d.kind == "dicom"}
+        self.messages = MessageSender(cfg, store, data_root / "spool", clock, self._wait_s)
         self._wake = threading.Event()
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
@@ -134,7 +138,8 @@ class OutboxSender:
                 log.warning("%d outbox item(s) for %s, which is no longer configured, moved to "
                             "the dead letter", len(items), label)
                 continue
-            tried += self._send(dest, items[:self.cfg.batch_size])
+            send = self._send if dest.kind == "dicom" else self.messages.send
+            tried += send(dest, items[:self.cfg.batch_size])
         return tried
 
     def _wait_s(self, attempts: int) -> float:

@@ -106,7 +106,7 @@ class ScoringWorker:
                                                    tuple(cfg.worker.tier_overrides))
         # {kind: destination labels}: what each result sends where (empty: nothing).
         self.wants = {kind: [d.label for d in cfg.results.wants(kind)]
-                      for kind in (db.SR, db.OVERLAY)}
+                      for kind in (db.SR, db.OVERLAY, *db.MESSAGE_KINDS)}
         self.pool = pool or decoder_pool(cfg.worker.processes, dict(model.card), guard,
                                          cfg.worker.decode_timeout_s)
         # Called with the result id after each result is committed (the daemon

@@ -1,4 +1,4 @@
-"""The durable outbox: which DICOM objects go to which destination, and how far each send got.
+"""The durable outbox: which DICOM objects and messages go to which destination, and how far each send got.
 
 :func:`plan` runs inside the transaction that records a result: the objects
 (an SR per result, an overlay per scored image) get their SOP Instance and
@@ -48,7 +48,7 @@ def plan(session: Session, result: Result, images: Sequence[ImageResult],
          wants: Mapping[str, Sequence[str]], now: float) -> list[ResultObject]:
     """Add the result's objects and their outbox rows to ``session`` (the result's transaction).
 
-    ``wants`` maps a kind ("sr", "overlay") to the labels of the destinations
+    ``wants`` maps a kind ("sr", "overlay", "oru", "orm", "fhir") to the labels of the destinations
     it goes to; a kind nobody wants gets no object. Overlays are planned for
     images that have a heatmap. Returns the objects added.
     """
@@ -66,6 +66,13 @@ def plan(session: Session, result: Result, images: Sequence[ImageResult],
             sop_instance_uid=new_uid(),
             series_number=_series_number(OVERLAY_SERIES, result.version), instance_number=n,
             created_at=now))
+    # A message has no DICOM identity; its fixed UID is the message's own (the HL7 control ID
+    # and the FHIR identifiers derive from it), so every resend is recognisably the same.
+    for kind in db.MESSAGE_KINDS:
+        if wants.get(kind):
+            objects.append(ResultObject(
+                result=result, kind=kind, sop_class_uid="", series_uid=new_uid(),
+                sop_instance_uid=new_uid(), series_number=0, instance_number=0, created_at=now))
     for obj in objects:
         for label in wants[obj.kind]:
             session.add(Delivery(object=obj, destination=label, state=db.PENDING, attempts=0,
@@ -125,8 +132,9 @@ def begin_attempt(store: Any, delivery_ids: Iterable[int], now: float,
             d.next_attempt_at = now + wait_s(d.attempts)
 
 
-def record_sent(store: Any, delivery_id: int, status: int, now: float) -> None:
-    """Mark a row sent (the destination answered a success or warning ``status``)."""
+def record_sent(store: Any, delivery_id: int, status: int | None, now: float) -> None:
+    """Mark a row sent (the destination answered a success or warning ``status``; None for an
+    answer with no number, such as an HL7 AA)."""
     with store.write() as s:
         s.execute(update(Delivery).where(Delivery.id == delivery_id).values(
             state=db.SENT, sent_at=now, last_status=status, last_error=None))
@@ -148,11 +156,12 @@ def record_failure(store: Any, delivery_ids: Iterable[int], error: str, status: 
     return dead
 
 
-def kill(store: Any, delivery_ids: Iterable[int], error: str) -> None:
-    """Move rows straight to the dead letter (e.g. their destination is no longer configured)."""
+def kill(store: Any, delivery_ids: Iterable[int], error: str, status: int | None = None) -> None:
+    """Move rows straight to the dead letter (their destination is no longer configured, or it
+    refused the message for good)."""
     with store.write() as s:
         s.execute(update(Delivery).where(Delivery.id.in_(list(delivery_ids)))
-                  .values(state=db.DEAD, last_error=error[:500]))
+                  .values(state=db.DEAD, last_error=error[:500], last_status=status))
 
 
 def retry(store: Any, now: float, destination: str | None = None) -> int:

@@ -222,6 +222,9 @@ class Alert(Base):
 # or pending -> dead after results.max_attempts failed attempts;
 # `triage outbox retry` moves dead back to pending.
 SR, OVERLAY = "sr", "overlay"
+# Messages (no DICOM object): an HL7 ORU^R01, an HL7 order-priority update, a FHIR Bundle.
+ORU, ORM, FHIR = "oru", "orm", "fhir"
+MESSAGE_KINDS = (ORU, ORM, FHIR)
 PENDING, SENT, DEAD = "pending", "sent", "dead"
 OUTBOX_STATES = (PENDING, SENT, DEAD)
 
@@ -238,7 +241,7 @@ class ResultObject(Base):
     id: Mapped[int] = mapped_column(Integer, primary_key=True)
     result_id: Mapped[int] = mapped_column(ForeignKey("results.id"), nullable=False, index=True)
     image_result_id: Mapped[int | None] = mapped_column(ForeignKey("image_results.id"))
-    kind: Mapped[str] = mapped_column(String(16), nullable=False)  # sr | overlay
+    kind: Mapped[str] = mapped_column(String(16), nullable=False)  # sr | overlay | oru | orm | fhir
     sop_class_uid: Mapped[str] = mapped_column(String(64), nullable=False)
     series_uid: Mapped[str] = mapped_column(String(64), nullable=False)
     sop_instance_uid: Mapped[str] = mapped_column(String(64), unique=True, nullable=False)
