@@ -41,7 +41,8 @@ def _save(graph: onnx.GraphProto, path: Path) -> None:
 
 def write_const_guard(folder: Path, adult: float, frontal: float,
                       thresholds: tuple[float, float] = (0.5, 0.5),
-                      ood: tuple[float, float] | None = None) -> Path:
+                      ood: tuple[float, float] | None = None,
+                      child_header: float | None = None) -> Path:
     """Write an ONNX guard whose outputs are ``adult`` and ``frontal`` for every image, and a
     4-wide embedding of ``ood[0]`` / 4 each; with ``ood`` also an out-of-distribution graph
     (distance = the embedding's sum, so ``ood[0]``) and the card's threshold ``ood[1]``."""
@@ -69,6 +70,8 @@ def write_const_guard(folder: Path, adult: float, frontal: float,
             "input": {"size": SIZE, "channels": 1},
             "preprocess": json.loads(model_for_tests().with_suffix(".json").read_text())["preprocess"],
             "thresholds": {"adult": thresholds[0], "frontal": thresholds[1]}}
+    if child_header is not None:
+        card["thresholds"]["adult_child_header"] = child_header
     if ood is not None:
         dist = helper.make_graph(
             [helper.make_node("ReduceSum", ["embedding", "ax1"], ["distance"], keepdims=0)],
@@ -157,6 +160,34 @@ def test_an_adult_looking_image_is_refused_with_or_against_the_header(tmp_path: 
     assert said_child.reason is not None and "header says 4 y" in said_child.reason
     off = _guard(GuardConfig(path=str(path), population_from_image="off"), model)
     assert score_file(_file(tmp_path, "o"), model, guard=off).probability is not None
+
+
+@pytest.mark.parametrize("age, header, ood, refused", [
+    ("004Y", "refuse", True, False),   # a child's age: overruled only above adult_child_header
+    (None, "refuse", True, True),      # no age: the plain threshold
+    ("004Y", "refuse", False, True),   # no out-of-distribution check: its guarantee is gone
+    ("004Y", "off", True, True),       # the header is not trusted: the plain threshold
+    ("045Y", "warn", True, True),      # an adult's age: refused as an adult's by the image
+])
+def test_a_header_that_gives_a_child_age_needs_stronger_evidence(
+        tmp_path: Path, model: OnnxModel, age: str | None, header: str, ood: bool,
+        refused: bool) -> None:
+    path = write_const_guard(tmp_path / "g", adult=0.8, frontal=0.99, ood=(1.0, 5.0),
+                             child_header=0.9)
+    g = _guard(GuardConfig(path=str(path), population_header=header,
+                           out_of_distribution="refuse" if ood else "off"), model)
+    assert (g.adult_t, g.adult_child_t) == (0.5, 0.9)
+    r = score_file(_file(tmp_path, "a", patient_age=age), model, guard=g)
+    assert (r.probability is None) == refused
+    if refused:
+        assert r.reason is not None and "looks like an adult's radiograph" in r.reason
+        assert "P(adult) 0.80" in r.reason
+    else:
+        assert r.reason is None
+    # the threshold never falls below the plain one, whatever the card says
+    low = write_const_guard(tmp_path / "low", adult=0.8, frontal=0.99, ood=(1.0, 5.0),
+                            child_header=0.2)
+    assert _guard(GuardConfig(path=str(low)), model).adult_child_t == 0.5
 
 
 def test_a_child_looking_image_passes(tmp_path: Path, model: OnnxModel) -> None:

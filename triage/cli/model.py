@@ -254,6 +254,19 @@ def _guard_calibrate(args: argparse.Namespace) -> int:
     return 0
 
 
+def _guard_child_header(args: argparse.Namespace) -> int:
+    import json
+    from pathlib import Path
+
+    from triage.training import guard
+
+    cfg, samples = _guard_samples(args)
+    card = guard.child_header_threshold(Path(args.card), samples, threads=cfg.train.threads)
+    log.info("adult_child_header threshold %.4g; held out: %s",
+             card["thresholds"]["adult_child_header"], json.dumps(card["child_header"]["test"]))
+    return 0
+
+
 def _guard_ood(args: argparse.Namespace) -> int:
     import json
     from pathlib import Path
@@ -314,6 +327,20 @@ def _add_guard(sub: SubParsers) -> None:
     o.add_argument("--adult-manifest", metavar="CSV", required=True)
     o.add_argument("--adult-root", metavar="DIR")
     o.set_defaults(func=_guard_ood)
+    h = gsub.add_parser("child-header", help="choose the threshold for images whose header "
+                                             "gives a child's age",
+                        description="Choose the card's adult_child_header threshold: the "
+                                    "largest P(adult) at which validation adults presented "
+                                    "with a child's age are still refused (by this check or "
+                                    "the out-of-distribution one) at least 97.5%% of the time; "
+                                    "measure it on the held-out part. Run after `ood`.")
+    config_args(h)
+    h.add_argument("--card", metavar="JSON", required=True, help="the guard's card")
+    h.add_argument("--paediatric-split", metavar="CSV", required=True)
+    h.add_argument("--paediatric-root", metavar="DIR", required=True)
+    h.add_argument("--adult-manifest", metavar="CSV", required=True)
+    h.add_argument("--adult-root", metavar="DIR")
+    h.set_defaults(func=_guard_child_header)
 
 
 def add(sub: SubParsers) -> None:

@@ -4,7 +4,12 @@ Three checks, each with a ``guard.*`` switch (:class:`triage.config.GuardConfig`
 
 1. population from the header: an age outside the model card's population;
 2. population from the image: the guard network's P(adult), when the header
-   gives no age or gives a child's;
+   gives no age or gives a child's. A header that states an age inside the
+   population is overruled only by stronger evidence: the card's
+   ``adult_child_header`` threshold, chosen so that adults presented with a
+   child's age are still refused, by this check or the out-of-distribution
+   one, as often as the card states (used only while both the header check
+   and the out-of-distribution check run);
 3. view from the image: the guard network's P(frontal chest radiograph), when
    the header states no view (or always).
 
@@ -78,6 +83,7 @@ class Guard:
         self.batch_size = batch_size
         th = self.card.get("thresholds", {})
         self.adult_t = float(th.get("adult", 1.0))
+        self.adult_child_t = max(self.adult_t, float(th.get("adult_child_header", self.adult_t)))
         self.frontal_t = float(th.get("frontal", 0.0))
 
     @classmethod
@@ -195,7 +201,7 @@ class Guard:
                                f"(input guard, P(frontal) {p_frontal:.2f})", "refuse")
                 return
         mode = self.cfg.population_from_image
-        if mode != "off" and p_adult >= self.adult_t:
+        if mode != "off" and p_adult >= self.adult_threshold(im.meta.get("patient_age_years")):
             age = im.meta.get("patient_age_years")
             said = "no age in the header" if age is None else f"header says {format_age(float(age))}"
             self._mark(im, f"looks like an adult's radiograph ({said}; model: "
@@ -206,6 +212,19 @@ class Guard:
             self._mark(im, "unlike the radiographs the model learned from (input guard, "
                            f"distance {distance:.1f}, limit {self.ood_t:.1f})",
                        self.cfg.out_of_distribution)
+
+    def adult_threshold(self, age: float | None) -> float:
+        """Return the P(adult) at which the image overrules the header for this age.
+
+        The card's plain threshold when the header gives no age; its
+        ``adult_child_header`` threshold when the header's age lies inside the
+        population and both the header check and the out-of-distribution check
+        run (the latter's refusals are part of that threshold's guarantee).
+        """
+        if (age is None or self.cfg.population_header == "off" or self.ood_session is None
+                or not self.population.low <= float(age) < self.population.high + 1):
+            return self.adult_t
+        return self.adult_child_t
 
     @staticmethod
     def _mark(im: Judged, why: str, mode: str) -> None:
