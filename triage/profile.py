@@ -6,6 +6,13 @@ profile names the model (sha256) it was fitted for and is refused for any
 other. Besides the thresholds it carries what the site looked like when it
 was fitted: its size, dates, prevalence and score distribution, which the
 drift watch then uses as the reference, so the site is compared with itself.
+
+``triage site adapt`` writes a profile with an ``[adaptation]`` table instead:
+a site variant of the model (its normalisation statistics re-estimated on the
+site's unlabelled images), named by file and sha256, beside the profile. Such a
+profile is for the configured model it was adapted from
+(``base_model_sha256``); the variant then scores. ``site calibrate`` on a
+replay made with it keeps the table, so one profile carries both.
 """
 
 from __future__ import annotations
@@ -25,6 +32,24 @@ CARD = "model card"
 
 
 @dataclass(frozen=True)
+class Adaptation:
+    """A profile's site variant of the model: its files (resolved) and what it came from."""
+
+    model_path: Path
+    card_path: Path
+    sha256: str
+    base_sha256: str
+
+    def to_table(self, profile_dir: Path) -> dict[str, str]:
+        """Return the ``[adaptation]`` keys for a profile written in ``profile_dir``."""
+        import os
+
+        return {"model": os.path.relpath(self.model_path, profile_dir.resolve()),
+                "card": os.path.relpath(self.card_path, profile_dir.resolve()),
+                "model_sha256": self.sha256, "base_model_sha256": self.base_sha256}
+
+
+@dataclass(frozen=True)
 class SiteProfile:
     """The parts of a profile that scoring and drift use; ``raw`` holds the whole file."""
 
@@ -36,6 +61,7 @@ class SiteProfile:
     reference_scores: dict[str, list[float]] | None
     prevalence: float | None
     raw: dict[str, Any] = field(default_factory=dict)
+    adaptation: Adaptation | None = None
 
     @property
     def source(self) -> str:
@@ -135,26 +161,43 @@ def read_profile(path: str | Path, model_sha256: str | None = None) -> SiteProfi
         raise ConfigError(f"site profile {p} is not valid TOML: {e}") from e
     try:
         head = data["profile"]
+        # A profile from `site adapt` alone has no points: the card's apply.
         points: dict[str, float | None] = {str(op["name"]): float(op["threshold"])
-                                            for op in data["operating_points"]}
+                                            for op in data.get("operating_points", [])}
         sha = str(head["model_sha256"])
+        adaptation = None
+        if "adaptation" in data:
+            a = data["adaptation"]
+            adaptation = Adaptation((p.parent / str(a["model"])).resolve(),
+                                    (p.parent / str(a["card"])).resolve(),
+                                    str(a["model_sha256"]), str(a["base_model_sha256"]))
     except (KeyError, TypeError, ValueError) as e:
         raise ConfigError(f"site profile {p} lacks {e} (write it with `triage site calibrate`)") from e
-    if model_sha256 is not None and sha != model_sha256:
+    if adaptation is not None and adaptation.sha256 != sha:
+        raise ConfigError(f"site profile {p}: its points were fitted for model {sha[:12]}, not "
+                          f"for its own adapted model {adaptation.sha256[:12]}")
+    if model_sha256 is not None and adaptation is not None:
+        if adaptation.base_sha256 != model_sha256:
+            raise ConfigError(f"site profile {p} adapts model {adaptation.base_sha256[:12]}, not "
+                              f"the configured model {model_sha256[:12]}: run `triage site "
+                              "adapt` again for this model")
+    elif model_sha256 is not None and sha != model_sha256:
         raise ConfigError(f"site profile {p} was fitted for model {sha[:12]}, not for the "
                           f"configured model {model_sha256[:12]}: re-fit it with `triage site "
                           "calibrate` on a replay of this model")
     site = data.get("site", {})
     return SiteProfile(p, sha, str(head.get("created", "")), str(head.get("site", "")), points,
-                       data.get("reference_scores"), site.get("prevalence"), data)
+                       data.get("reference_scores"), site.get("prevalence"), data, adaptation)
 
 
 def write_profile(path: str | Path, doc: Mapping[str, Any]) -> Path:
     """Write a profile document as TOML, readable by the daemon's user only."""
     import tomli_w
 
-    header = ("# triage site profile: operating points re-fitted on this site's labelled replay.\n"
-              "# Written by `triage site calibrate`; see docs/site-calibration.md.\n")
+    header = ("# triage site profile: what this site's own images changed (operating points\n"
+              "# re-fitted on its labelled replay; a model adapted to its unlabelled images).\n"
+              "# Written by `triage site calibrate` / `triage site adapt`; see "
+              "docs/site-calibration.md.\n")
     return write_atomic(path, header + tomli_w.dumps(_toml_ready(doc)), fsync=True)
 
 

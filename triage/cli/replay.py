@@ -53,6 +53,14 @@ def _replay(args: argparse.Namespace) -> int:
 
         sha = str((card or {}).get("sha256", "")) or None
         profile = read_profile(args.site_profile, sha)
+        if profile.adaptation is not None:
+            if model is None:
+                raise InputError("a site profile with an adapted model applies where the model "
+                                 "runs: set it as model.site_profile in the daemon, not with --via")
+            from triage.inference.model import load_adapted
+
+            model = load_adapted(profile.adaptation, cfg.model.threads)
+            card = model.card
     if args.scheduler and args.engine != "dask":
         raise InputError("--scheduler needs --engine dask")
     if args.via and args.engine != "in-process":

@@ -162,3 +162,26 @@ class OnnxModel:
         prob, _, cam, emb = self.session.run(list(ALL_OUTPUTS),
                                              {INPUT_NAME: batch.astype(np.float32)})
         return prob, cam, emb
+
+
+def load_adapted(adaptation: Any, threads: int = 2, session: str = "daemon") -> OnnxModel:
+    """Return a site profile's adapted model (:class:`triage.profile.Adaptation`).
+
+    Its file must have the sha256 the profile and its card name: a variant
+    changed after adaptation is refused. Raises InputError.
+    """
+    import hashlib
+
+    path = Path(adaptation.model_path)
+    try:
+        digest = hashlib.sha256(path.read_bytes()).hexdigest()
+    except OSError as e:
+        raise InputError(f"site profile's adapted model {path}: {e.strerror or e}") from e
+    if digest != adaptation.sha256:
+        raise InputError(f"site profile's adapted model {path} has sha256 {digest[:12]}, not the "
+                         f"{adaptation.sha256[:12]} its profile names: run `triage site adapt` again")
+    model = OnnxModel.load_files(path, adaptation.card_path, threads, session)
+    if model.sha256 != digest:
+        raise InputError(f"site profile's adapted model card {adaptation.card_path} names sha256 "
+                         f"{model.sha256[:12]}, not its model's {digest[:12]}")
+    return model

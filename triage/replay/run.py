@@ -193,6 +193,7 @@ def _meta(opts: Options, card: Mapping[str, Any] | None, records: Sequence[Study
             "model_name": str((card or {}).get("name", "unknown")),
             "model_sha256": card_sha or min(shas, default=""),
             "thresholds_source": thresholds_source(opts.site_profile),
+            "site_profile": str(opts.site_profile.path.resolve()) if opts.site_profile else None,
             "skipped_files": {"count": len(skipped),
                               "reasons": dict(Counter(s.reason for s in skipped))},
             "warnings": warnings}

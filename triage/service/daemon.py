@@ -232,8 +232,14 @@ def build_daemon(cfg: Config) -> Daemon:
     check_exposure(cfg.web)
     # The model and any site profile are checked before anything is created on disk.
     model = load_model(cfg)
-    warnings = check_model_on_this_cpu(cfg, model)
     profile = load_site_profile(cfg, model)
+    if profile is not None and profile.adaptation is not None:
+        from triage.inference.model import load_adapted
+
+        model = load_adapted(profile.adaptation, cfg.model.threads)
+        log.info("scoring with %s's model adapted to this site (sha256 %s)", profile.path.name,
+                 model.sha256[:12])
+    warnings = check_model_on_this_cpu(cfg, model)
     guard = load_guard(cfg.guard, model.card)
     prototypes = load_prototypes(cfg, model)
     # worker.tier_overrides against the model's tiers: a misspelt or inverted one stops here.
