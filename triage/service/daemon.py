@@ -105,10 +105,15 @@ class Daemon:
         self.worker.start()
 
     def health(self) -> tuple[bool, dict[str, Any]]:
-        """Whether the listener, the scheduler and the worker are alive, with the detail."""
+        """Whether the listener, the scheduler and the worker are alive and the database
+        answers, with the detail (``database_error`` says why it does not)."""
+        db_error = self.store.unavailable_reason()
         ok, detail = health({"listener": lambda: self.scp.alive,
                              "scheduler": lambda: self.jobs.alive,
-                             "worker": lambda: self.worker.alive})
+                             "worker": lambda: self.worker.alive,
+                             "database": lambda: db_error is None})
+        if db_error is not None:
+            detail["database_error"] = db_error
         if self.warnings:  # alive, but not as validated: say so without failing the probe
             detail["warnings"] = list(self.warnings)
         return ok, detail

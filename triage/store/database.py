@@ -16,12 +16,21 @@ from typing import Any
 
 from sqlalchemy import create_engine, event, text
 from sqlalchemy.engine import Engine, make_url
+from sqlalchemy.exc import DBAPIError, InterfaceError, OperationalError
 from sqlalchemy.orm import Session
 
 from triage import __version__, resources
 from triage.core.errors import TriageError
 
 log = logging.getLogger(__name__)
+
+# Seconds a new PostgreSQL connection may take: a server that is away must cost a
+# C-STORE, a health probe or a worker round seconds, not the TCP stack's minutes.
+CONNECT_TIMEOUT_S = 5
+# The longest wait between tries of a background loop (worker claims, outbox rounds)
+# while the database is unavailable: the wait doubles up to it, so an outage costs a
+# few log lines a minute, and the loop is back at most this long after the database.
+OUTAGE_BACKOFF_MAX_S = 30.0
 
 
 def _sqlite_pragmas(dbapi_conn: Any, _record: Any) -> None:
@@ -60,8 +69,10 @@ def make_engine(target: Path | str) -> Engine:
     path = sqlite_path(target)
     if path is None:
         # pool_pre_ping: a server restart or a failover must not cost a scoring round.
+        # After an outage the pool's old connections are dead: pre-ping finds that out
+        # and SQLAlchemy invalidates the whole pool, so nothing here reconnects by hand.
         return create_engine(_server_url(str(target)), pool_pre_ping=True, pool_size=8,
-                             max_overflow=8)
+                             max_overflow=8, connect_args={"connect_timeout": CONNECT_TIMEOUT_S})
     path.parent.mkdir(parents=True, exist_ok=True)
     engine = create_engine(
         f"sqlite:///{path}",
@@ -69,6 +80,23 @@ def make_engine(target: Path | str) -> Engine:
     )
     event.listen(engine, "connect", _sqlite_pragmas)
     return engine
+
+
+def unavailable(e: BaseException) -> bool:
+    """Whether ``e`` says the database cannot be used right now (the server stopped or
+    restarting, the connection lost, a SQLite file locked past its busy timeout) rather
+    than that the statement was wrong: trying again later is the remedy."""
+    if isinstance(e, (OperationalError, InterfaceError)):
+        return True
+    return isinstance(e, DBAPIError) and bool(e.connection_invalidated)
+
+
+def why_unavailable(e: BaseException) -> str:
+    """One line saying why the database is unavailable (the driver's first line; it names
+    the server and the failure, never a statement's parameters)."""
+    orig = getattr(e, "orig", None) or e
+    text_ = str(orig).strip().splitlines()
+    return f"{type(orig).__name__}: {text_[0] if text_ else 'no detail'}"[:300]
 
 
 def is_shared(engine: Engine) -> bool:
