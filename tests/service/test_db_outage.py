@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import json
 import signal
+import sqlite3
 import subprocess
 import sys
 import threading
@@ -30,6 +31,7 @@ from sqlalchemy import text
 from dicom_io import store_status as status
 from tests import synth
 from tests.conftest import free_port, scu, send, serve_config, wait_for
+from triage.service.daemon import Daemon
 from triage.store.database import make_engine
 
 pytestmark = pytest.mark.slow
@@ -189,6 +191,30 @@ def test_postgresql_stopped_mid_stream_for_12_s_loses_nothing_and_decides_each_s
             daemon.wait(90)
         engine.dispose()
     assert daemon.returncode == 0, log_path.read_text(errors="replace")[-4000:]
+
+
+def test_a_sqlite_file_locked_by_another_program_gets_a_retryable_status_then_success(
+        daemon_factory: Any, tmp_path: Path) -> None:
+    d: Daemon = daemon_factory(tmp_path / "var", **{"database.sqlite_busy_timeout_s": 1.0})
+    ds = synth.make_dataset(synth.SynthSpec(rows=128, columns=128))
+    # Another program (an sqlite3 shell, a backup tool) holds the write lock.
+    other = sqlite3.connect(d.cfg.storage.db_path, isolation_level=None)
+    try:
+        other.execute("BEGIN EXCLUSIVE")
+        assert send(d.dicom_port, [ds]) == [status.DB_UNAVAILABLE]
+        other.execute("ROLLBACK")
+    finally:
+        other.close()
+    assert d.health()[0], "the daemon is not whole after the lock"
+    assert send(d.dicom_port, [ds]) == [status.SUCCESS]
+
+    def decided() -> bool:
+        return d.store.counts()["scored"] + d.store.counts()["unscored"] == 1
+
+    wait_for(decided, timeout=60)
+    with d.store.read() as s:
+        assert s.scalar(text("SELECT count(*) FROM instances")) == 1
+        assert s.scalar(text("SELECT count(*) FROM results")) == 1
 
 
 def synth_uid(path: Path) -> str:

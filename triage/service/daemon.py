@@ -277,7 +277,7 @@ def open_store(cfg: Config) -> Store:
     from sqlalchemy.exc import SQLAlchemyError
 
     try:
-        return Store(open_db(cfg.database_url))
+        return Store(open_db(cfg.database_url, cfg.database.sqlite_busy_timeout_s))
     except (SQLAlchemyError, ValueError) as e:
         where = "database.url" if cfg.database.url else f"{cfg.storage.db_path}"
         raise TriageError(f"cannot open the database ({where}): "

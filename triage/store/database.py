@@ -33,14 +33,20 @@ CONNECT_TIMEOUT_S = 5
 OUTAGE_BACKOFF_MAX_S = 30.0
 
 
-def _sqlite_pragmas(dbapi_conn: Any, _record: Any) -> None:
-    cur = dbapi_conn.cursor()
-    cur.execute("PRAGMA journal_mode=WAL")
-    # FULL: a committed row survives a power cut, not only a process crash.
-    cur.execute("PRAGMA synchronous=FULL")
-    cur.execute("PRAGMA foreign_keys=ON")
-    cur.execute("PRAGMA busy_timeout=30000")
-    cur.close()
+# Seconds a SQLite write waits for another connection's lock, unless the caller says.
+SQLITE_BUSY_TIMEOUT_S = 30.0
+
+
+def _sqlite_pragmas(busy_timeout_s: float) -> Any:
+    def on_connect(dbapi_conn: Any, _record: Any) -> None:
+        cur = dbapi_conn.cursor()
+        cur.execute("PRAGMA journal_mode=WAL")
+        # FULL: a committed row survives a power cut, not only a process crash.
+        cur.execute("PRAGMA synchronous=FULL")
+        cur.execute("PRAGMA foreign_keys=ON")
+        cur.execute(f"PRAGMA busy_timeout={int(busy_timeout_s * 1000)}")
+        cur.close()
+    return on_connect
 
 
 def sqlite_path(target: Path | str) -> Path | None:
@@ -62,10 +68,11 @@ def _server_url(target: str) -> Any:
     return url.set(drivername="postgresql+psycopg")
 
 
-def make_engine(target: Path | str) -> Engine:
+def make_engine(target: Path | str, busy_timeout_s: float = SQLITE_BUSY_TIMEOUT_S) -> Engine:
     """Return an engine on ``target``: a SQLite file (a path or ``sqlite:///`` URL; WAL,
-    synchronous=FULL, foreign keys on) or a PostgreSQL URL (psycopg 3, connections checked
-    before use). Raises ValueError for another kind of database."""
+    synchronous=FULL, foreign keys on, a write waiting ``busy_timeout_s`` for another
+    connection's lock) or a PostgreSQL URL (psycopg 3, connections checked before use).
+    Raises ValueError for another kind of database."""
     path = sqlite_path(target)
     if path is None:
         # pool_pre_ping: a server restart or a failover must not cost a scoring round.
@@ -76,9 +83,9 @@ def make_engine(target: Path | str) -> Engine:
     path.parent.mkdir(parents=True, exist_ok=True)
     engine = create_engine(
         f"sqlite:///{path}",
-        connect_args={"check_same_thread": False, "timeout": 30},
+        connect_args={"check_same_thread": False, "timeout": busy_timeout_s},
     )
-    event.listen(engine, "connect", _sqlite_pragmas)
+    event.listen(engine, "connect", _sqlite_pragmas(busy_timeout_s))
     return engine
 
 
@@ -188,9 +195,10 @@ def check_revision(engine: Engine) -> str | None:
     return current
 
 
-def open_db(target: Path | str) -> Engine:
+def open_db(target: Path | str, busy_timeout_s: float = SQLITE_BUSY_TIMEOUT_S) -> Engine:
     """Open the database (a SQLite path or URL, created if needed and readable by the
-    daemon's user only; or a PostgreSQL URL) and upgrade it to head; return the engine.
+    daemon's user only; or a PostgreSQL URL) and upgrade it to head; return the engine
+    (``busy_timeout_s``: see :func:`make_engine`).
 
     Raises ValueError for an unsupported URL, SQLAlchemy's OperationalError when the
     server cannot be reached, and UnknownRevision when a newer triage has migrated it."""
@@ -199,7 +207,7 @@ def open_db(target: Path | str) -> Engine:
         path.parent.mkdir(parents=True, exist_ok=True)
         # Created 0600 before SQLite opens it: SQLite gives its -wal and -shm files the same mode.
         os.close(os.open(path, os.O_RDWR | os.O_CREAT, 0o600))
-    engine = make_engine(path if path is not None else target)
+    engine = make_engine(path if path is not None else target, busy_timeout_s)
     try:
         before = check_revision(engine)
     except UnknownRevision:
