@@ -31,6 +31,7 @@ from sqlalchemy import text
 from dicom_io import store_status as status
 from tests import synth
 from tests.conftest import free_port, scu, send, serve_config, wait_for
+from tests.peers import StoreScp
 from triage.service.daemon import Daemon
 from triage.store.database import make_engine
 
@@ -94,6 +95,14 @@ def _echo(port: int) -> bool:
     return bool(ok)
 
 
+def _http(port: int, path: str) -> tuple[int, str]:
+    try:
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}{path}", timeout=30) as r:
+            return r.status, r.read().decode()
+    except urllib.error.HTTPError as e:
+        return e.code, e.read().decode()
+
+
 def _rows(engine: Any, sql: str) -> list[Any]:
     with engine.connect() as c:
         return list(c.execute(text(sql)).all())
@@ -107,12 +116,34 @@ def _decided(engine: Any) -> bool:
     return len(rows) == N_STUDIES and all(state in DECIDED for (state,) in rows)
 
 
+@pytest.fixture
+def pacs(tmp_path: Path) -> Iterator[StoreScp]:
+    """DCMTK storescp as the PACS the results go back to."""
+    peer = StoreScp(tmp_path / "pacs").start()
+    yield peer
+    peer.stop()
+
+
+def _all_sent(engine: Any) -> bool:
+    """Whether every planned object (one per result: its SR) is sent (called once every
+    study is decided: a result and its outbox rows are one transaction)."""
+    try:
+        rows = _rows(engine, "SELECT state FROM outbox")
+        objects = _rows(engine, "SELECT count(*) FROM result_objects")[0][0]
+    except Exception:
+        return False
+    return bool(rows) and len(rows) == objects and all(state == "sent" for (state,) in rows)
+
+
 def test_postgresql_stopped_mid_stream_for_12_s_loses_nothing_and_decides_each_study_once(
-        pg: Any, tmp_path: Path) -> None:
+        pg: Any, pacs: StoreScp, tmp_path: Path) -> None:
     url = pg.create_database()
     data = tmp_path / "var"
     extra = (f"max_studies_in_flight = 2\nclaim_lease_s = {LEASE_S}\n"
-             f'[database]\nurl = "{url}"\nleader_lease_s = {LEASE_S}\n')
+             f'[database]\nurl = "{url}"\nleader_lease_s = {LEASE_S}\n'
+             "[results]\nretry_initial_s = 0.2\nretry_max_s = 1.0\npoll_interval_s = 0.2\n"
+             "timeout_s = 10.0\n[[results.destinations]]\n"
+             f'ae_title = "PACS"\nhost = "127.0.0.1"\nport = {pacs.port}\nsend = ["sr"]\n')
     port = free_port()
     cfg = serve_config(tmp_path / "triage.toml", data, port, extra)
     web_port = tomllib.loads(cfg.read_text())["web"]["port"]
@@ -136,6 +167,9 @@ def test_postgresql_stopped_mid_stream_for_12_s_loses_nothing_and_decides_each_s
             for i in range(first, during):  # the stream goes on into the outage
                 answers[i] += send(port, [studies[i]])
             wait_for(lambda: any(code == 503 for code, _ in health.answers), timeout=OUTAGE_S)
+            # /metrics still answers, saying the database is down; a study page says 503.
+            metrics = _http(web_port, "/metrics")
+            study_page = _http(web_port, "/study/1")
             # The outage lasts its 12 s whatever the stream does meanwhile.
             wait_for(lambda: time.monotonic() - t_halt >= OUTAGE_S, timeout=OUTAGE_S + 1,
                      interval=0.2)
@@ -151,6 +185,7 @@ def test_postgresql_stopped_mid_stream_for_12_s_loses_nothing_and_decides_each_s
 
             wait_for(resend, timeout=60, interval=0.5)
             wait_for(lambda: _decided(engine), timeout=180, interval=0.2)
+            wait_for(lambda: _all_sent(engine), timeout=120, interval=0.2)
             wait_for(lambda: health.get()[0] == 200, timeout=30)
             final_code, final = health.get()
 
@@ -167,6 +202,9 @@ def test_postgresql_stopped_mid_stream_for_12_s_loses_nothing_and_decides_each_s
         assert all(body.get("listener") and body.get("worker") for _, body in health.answers
                    if body), "a part of the daemon stopped during the outage"
         assert final_code == 200 and final["database"] is True
+        assert metrics[0] == 200 and "triage_database_up 0.0" in metrics[1]
+        assert "triage_instances_refused_total" in metrics[1]
+        assert study_page[0] == 503 and "database is unavailable" in study_page[1]
         # Every study listed once, decided once; every instance recorded once.
         sent_uids = {synth_uid(p) for p in studies}
         listed = _rows(engine, "SELECT study_uid, state FROM studies")
@@ -178,6 +216,9 @@ def test_postgresql_stopped_mid_stream_for_12_s_loses_nothing_and_decides_each_s
                                  "GROUP BY study_id, version HAVING count(*) > 1")
         assert not _rows(engine, "SELECT id FROM studies s WHERE NOT EXISTS (SELECT 1 FROM "
                                  "results r WHERE r.study_id = s.id AND r.version = s.version)")
+        # The outbox sender came back too: each result's SR reached the PACS.
+        srs = {uid for (uid,) in _rows(engine, "SELECT sop_instance_uid FROM result_objects")}
+        assert srs and set(pacs.received()) == srs
         log = log_path.read_text(errors="replace")
         assert "C-STORE refused 0xA703" in log and "the database is unavailable" in log
         n_down = sum(1 for code, _ in health.answers if code == 503)

@@ -10,6 +10,7 @@ Each daemon has its own registry (tests run several in one process).
 
 from __future__ import annotations
 
+import logging
 import time
 from collections.abc import Callable
 from typing import Any
@@ -23,8 +24,10 @@ from dicom_io.scp import ReceivedInstance
 from dicom_io.store_status import DB_UNAVAILABLE, Refusal
 from triage.store import outbox
 from triage.store import schema as db
-from triage.store.database import unavailable
+from triage.store.database import unavailable, why_unavailable
 from triage.store.schema import Alert, Result, Study
+
+log = logging.getLogger(__name__)
 
 CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
 # Seconds from a study's completion to its recorded result.
@@ -123,7 +126,13 @@ class CountingRecorder:
         self.metrics.refused.labels(f"0x{refusal.status:04X}").inc()
         if refusal.status == DB_UNAVAILABLE:
             return
-        self.store.record_rejection(calling_ae, sop_class_uid, sop_uid, refusal)
+        try:
+            self.store.record_rejection(calling_ae, sop_class_uid, sop_uid, refusal)
+        except Exception as e:
+            if not unavailable(e):
+                raise
+            log.warning("the refusal is not recorded in the database, which is unavailable "
+                        "(%s); the log line above is its record", why_unavailable(e))
 
 
 def health(checks: dict[str, Callable[[], bool]]) -> tuple[bool, dict[str, Any]]:
