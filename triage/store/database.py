@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import logging
 import os
+import sqlite3
 from pathlib import Path
 from typing import Any
 
@@ -33,6 +34,10 @@ CONNECT_TIMEOUT_S = 5
 OUTAGE_BACKOFF_MAX_S = 30.0
 
 
+# SQLite result codes that mean "not now" (locked by another connection, the file's disk
+# failing or full, the file not openable) rather than "wrong statement".
+_SQLITE_AWAY = ("SQLITE_BUSY", "SQLITE_LOCKED", "SQLITE_IOERR", "SQLITE_CANTOPEN", "SQLITE_FULL",
+                "SQLITE_PROTOCOL")
 # Seconds a SQLite write waits for another connection's lock, unless the caller says.
 SQLITE_BUSY_TIMEOUT_S = 30.0
 
@@ -93,6 +98,10 @@ def unavailable(e: BaseException) -> bool:
     """Whether ``e`` says the database cannot be used right now (the server stopped or
     restarting, the connection lost, a SQLite file locked past its busy timeout) rather
     than that the statement was wrong: trying again later is the remedy."""
+    orig = getattr(e, "orig", None)
+    if isinstance(orig, sqlite3.Error):
+        # SQLite calls a misspelt table an OperationalError too: judge by its result code.
+        return str(getattr(orig, "sqlite_errorname", "")).startswith(_SQLITE_AWAY)
     if isinstance(e, (OperationalError, InterfaceError)):
         return True
     return isinstance(e, DBAPIError) and bool(e.connection_invalidated)
