@@ -205,7 +205,6 @@ class ScoringWorker:
                 log.warning("study #%d left for later: the database is unavailable (%s)",
                             study_id, why_unavailable(e))
                 return
-
             log.exception("scoring study #%d failed; it will be retried", study_id)
         finally:
             self._let_go([study_id])
