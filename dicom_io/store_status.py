@@ -13,6 +13,11 @@ SUCCESS = 0x0000
 OUT_OF_RESOURCES = 0xA700  # low free disk space, or the disk filled while writing
 TOO_LARGE = 0xA701  # the data set is larger than dicom.max_dataset_mb
 TOO_MANY_PIXELS = 0xA702  # Rows x Columns x Frames above dicom.max_pixels (before decoding)
+# The database that records the instance cannot be reached (stopped, restarting, locked):
+# PS3.4 B.2.3 gives Storage SCPs no other "temporarily unable" status than Out of
+# Resources, which senders treat as "try again later"; Cxxx would tell them the data
+# set itself is at fault and that resending it cannot help.
+DB_UNAVAILABLE = 0xA703
 DATASET_MISMATCH = 0xA900  # data set does not match the SOP class it was sent as
 UNREADABLE = 0xC210  # the data set could not be parsed
 UNEXPECTED = 0xC211  # an unexpected error in the handler (pynetdicom uses it too)
@@ -23,6 +28,7 @@ MEANING = {
     OUT_OF_RESOURCES: "Refused: Out of Resources",
     TOO_LARGE: "Refused: Out of Resources (data set larger than the configured maximum)",
     TOO_MANY_PIXELS: "Refused: Out of Resources (more pixels than the configured maximum)",
+    DB_UNAVAILABLE: "Refused: Out of Resources (the database is unavailable; send again later)",
     DATASET_MISMATCH: "Error: Data Set does not match SOP Class",
     UNREADABLE: "Error: Cannot understand (data set unreadable)",
     UNEXPECTED: "Error: Cannot understand (unexpected processing failure)",

@@ -72,13 +72,23 @@ class PgServer:
             shutil.chown(self.root, "postgres", "postgres")
         self._run(str(self.bindir / "initdb"), "-D", str(self.data), "-U", SUPERUSER,
                   "--auth=trust", "--encoding=UTF8", "--no-instructions")
+        self.resume()
+        return self
+
+    def resume(self) -> None:
+        """Start the server on the existing cluster; returns once it accepts connections."""
         # Speed over durability: the server outlives every daemon a test kills, and the
         # cluster is deleted afterwards.
         opts = (f"-p {self.port} -h 127.0.0.1 -k {self.root} -c fsync=off "
                 "-c full_page_writes=off -c max_connections=200")
         self._run(str(self.bindir / "pg_ctl"), "-D", str(self.data), "-l",
                   str(self.root / "server.log"), "-o", opts, "-w", "-t", "60", "start")
-        return self
+
+    def halt(self) -> None:
+        """Stop the server (fast shutdown: sessions are cut, transactions in flight roll
+        back) and keep the cluster, as an outage does; :meth:`resume` starts it again."""
+        self._run(str(self.bindir / "pg_ctl"), "-D", str(self.data), "-m", "fast", "-w",
+                  "stop")
 
     def stop(self) -> None:
         """Stop the server (fast shutdown) and delete the cluster."""

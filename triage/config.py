@@ -191,6 +191,7 @@ class DatabaseConfig:
 
     url: str = ""
     leader_lease_s: float = 15.0
+    sqlite_busy_timeout_s: float = 20.0
 
     def __post_init__(self) -> None:
         scheme = self.url.partition("://")[0].partition("+")[0]
@@ -202,6 +203,8 @@ class DatabaseConfig:
                "database.url", "must be empty (the SQLite file in storage.data_dir) or a "
                "postgresql:// URL")
         _check(self.leader_lease_s >= 1, "database.leader_lease_s", "must be >= 1")
+        _check(0 < self.sqlite_busy_timeout_s <= 600, "database.sqlite_busy_timeout_s",
+               "must be > 0 and <= 600")
 
     @property
     def shared(self) -> bool:

@@ -105,10 +105,15 @@ class Daemon:
         self.worker.start()
 
     def health(self) -> tuple[bool, dict[str, Any]]:
-        """Whether the listener, the scheduler and the worker are alive, with the detail."""
+        """Whether the listener, the scheduler and the worker are alive and the database
+        answers, with the detail (``database_error`` says why it does not)."""
+        db_error = self.store.unavailable_reason()
         ok, detail = health({"listener": lambda: self.scp.alive,
                              "scheduler": lambda: self.jobs.alive,
-                             "worker": lambda: self.worker.alive})
+                             "worker": lambda: self.worker.alive,
+                             "database": lambda: db_error is None})
+        if db_error is not None:
+            detail["database_error"] = db_error
         if self.warnings:  # alive, but not as validated: say so without failing the probe
             detail["warnings"] = list(self.warnings)
         return ok, detail
@@ -278,7 +283,7 @@ def open_store(cfg: Config) -> Store:
     from sqlalchemy.exc import SQLAlchemyError
 
     try:
-        return Store(open_db(cfg.database_url))
+        return Store(open_db(cfg.database_url, cfg.database.sqlite_busy_timeout_s))
     except (SQLAlchemyError, ValueError) as e:
         where = "database.url" if cfg.database.url else f"{cfg.storage.db_path}"
         raise TriageError(f"cannot open the database ({where}): "

@@ -10,6 +10,7 @@ Each daemon has its own registry (tests run several in one process).
 
 from __future__ import annotations
 
+import logging
 import time
 from collections.abc import Callable
 from typing import Any
@@ -20,10 +21,13 @@ from prometheus_client.registry import Collector
 from sqlalchemy import func, select
 
 from dicom_io.scp import ReceivedInstance
-from dicom_io.store_status import Refusal
+from dicom_io.store_status import DB_UNAVAILABLE, Refusal
 from triage.store import outbox
 from triage.store import schema as db
+from triage.store.database import unavailable, why_unavailable
 from triage.store.schema import Alert, Result, Study
+
+log = logging.getLogger(__name__)
 
 CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
 # Seconds from a study's completion to its recorded result.
@@ -37,6 +41,20 @@ class _StoreCollector(Collector):
         self.store = store
 
     def collect(self) -> Any:
+        # With the database away, a scrape still answers: the process's own counters,
+        # and triage_database_up 0 instead of the figures only the database knows.
+        try:
+            figures = list(self._from_database())
+        except Exception as e:
+            if not unavailable(e):
+                raise
+            figures = []
+        yield GaugeMetricFamily("triage_database_up", "1 when the database answered this "
+                                "scrape's queries, 0 while it is unavailable",
+                                value=1 if figures else 0)
+        yield from figures
+
+    def _from_database(self) -> Any:
         counts = self.store.counts()
         studies = GaugeMetricFamily("triage_studies", "Studies by state", labels=["state"])
         for state, n in counts.items():
@@ -103,9 +121,18 @@ class CountingRecorder:
 
     def record_rejection(self, calling_ae: str, sop_class_uid: str | None,
                          sop_uid: str | None, refusal: Refusal) -> None:
-        """Count the refusal by status, then record it through the store."""
+        """Count the refusal by status, then record it through the store (unless the store
+        is what refused: with the database away, the log line and the count are the record)."""
         self.metrics.refused.labels(f"0x{refusal.status:04X}").inc()
-        self.store.record_rejection(calling_ae, sop_class_uid, sop_uid, refusal)
+        if refusal.status == DB_UNAVAILABLE:
+            return
+        try:
+            self.store.record_rejection(calling_ae, sop_class_uid, sop_uid, refusal)
+        except Exception as e:
+            if not unavailable(e):
+                raise
+            log.warning("the refusal is not recorded in the database, which is unavailable "
+                        "(%s); the log line above is its record", why_unavailable(e))
 
 
 def health(checks: dict[str, Callable[[], bool]]) -> tuple[bool, dict[str, Any]]:

@@ -18,9 +18,34 @@ from apscheduler.jobstores.base import ConflictingIdError
 from apscheduler.schedulers.background import BackgroundScheduler
 from apscheduler.schedulers.base import STATE_STOPPED
 
+from triage.store.database import unavailable, why_unavailable
+
 log = logging.getLogger(__name__)
 
 Job = Callable[[], Any]
+
+
+def _outage_quiet(name: str, fn: Job) -> Job:
+    """``fn``, logging one line (not a traceback per run) when the database becomes
+    unavailable; the next scheduled run is the retry.
+    Any other failure still reaches APScheduler's log."""
+    skipped = [0]  # runs skipped in a row
+
+    def run() -> Any:
+        try:
+            out = fn()
+        except Exception as e:
+            if not unavailable(e):
+                raise
+            skipped[0] += 1
+            (log.warning if skipped[0] == 1 else log.debug)(
+                "job %s skipped, the database is unavailable (%s)", name, why_unavailable(e))
+            return None
+        if skipped[0]:  # debug: a leader-only job "runs" without the database when not leader
+            log.debug("job %s ran after %d skipped run(s)", name, skipped[0])
+            skipped[0] = 0
+        return out
+    return run
 
 
 class Jobs:
@@ -34,7 +59,8 @@ class Jobs:
     def start(self, intervals: Mapping[str, tuple[float, Job]]) -> None:
         """Start the scheduler with ``{name: (seconds, function)}`` interval jobs."""
         for name, (seconds, fn) in intervals.items():
-            self._scheduler.add_job(fn, "interval", seconds=seconds, id=name, name=name)
+            self._scheduler.add_job(_outage_quiet(name, fn), "interval", seconds=seconds,
+                                    id=name, name=name)
         self._scheduler.start()
         log.debug("scheduler started: %s", ", ".join(intervals))
 
@@ -48,7 +74,8 @@ class Jobs:
             return False
         when = dt.datetime.now(dt.UTC) + dt.timedelta(seconds=delay_s)
         try:
-            self._scheduler.add_job(fn, "date", run_date=when, id=name, name=name)
+            self._scheduler.add_job(_outage_quiet(name, fn), "date", run_date=when, id=name,
+                                    name=name)
         except ConflictingIdError:
             return False
         return True

@@ -45,6 +45,7 @@ from triage.core.retry import backoff_s
 from triage.service import result_dicom
 from triage.service.result_messages import MessageSender
 from triage.store import outbox
+from triage.store.database import OUTAGE_BACKOFF_MAX_S, unavailable, why_unavailable
 
 log = logging.getLogger(__name__)
 _UID = re.compile(r"\b\d+(?:\.\d+){3,}\b")
@@ -102,6 +103,7 @@ class OutboxSender:
             self._thread.join(timeout=self.cfg.timeout_s * 2 + 10)
 
     def _run(self) -> None:
+        failures = 0  # rounds failed in a row
         while not self._stop.is_set():
             if self.gate is not None and not self.gate():
                 self._wake.wait(self.cfg.poll_interval_s)
@@ -109,11 +111,23 @@ class OutboxSender:
                 continue
             try:
                 sent = self.run_once()
-            except Exception:  # the sender must outlive a bad round; the rows stay pending
-                log.exception("outbox round failed; retrying")
-                sent = 0
-            if not sent:
-                self._wake.wait(self._idle_s())
+                idle = 0.0 if sent else self._idle_s()
+                failures = 0
+            except Exception as e:  # the sender must outlive a bad round; the rows stay pending
+                failures += 1
+                idle = backoff_s(failures, self.cfg.poll_interval_s,
+                                 max(self.cfg.poll_interval_s, OUTAGE_BACKOFF_MAX_S))
+                if unavailable(e):
+                    log.warning("outbox round skipped, the database is unavailable (%s); next "
+                                "try in %.1f s", why_unavailable(e), idle)
+                else:
+                    log.exception("outbox round failed; next try in %.1f s", idle)
+                # A wake-up (a result committed: the database answers) ends the backoff.
+                self._wake.wait(idle)
+                self._wake.clear()
+                continue
+            if idle:
+                self._wake.wait(idle)
                 self._wake.clear()
 
     def _idle_s(self) -> float:

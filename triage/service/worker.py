@@ -37,6 +37,7 @@ from sqlalchemy import select
 from dicom_io.ids import uid_hash, uid_key
 from triage.config import Config
 from triage.core import tiers
+from triage.core.retry import backoff_s
 from triage.imaging import prepare
 from triage.imaging.prepare import Prepared
 from triage.inference import prototypes as protos_mod
@@ -48,6 +49,7 @@ from triage.inference.scoring import ImageScore, infer
 from triage.profile import SiteProfile, applied_thresholds, thresholds_source
 from triage.store import leases, outbox
 from triage.store import schema as db
+from triage.store.database import OUTAGE_BACKOFF_MAX_S, unavailable, why_unavailable
 from triage.store.schema import ImageResult, Instance, Result, Study, StudyEvent
 
 log = logging.getLogger(__name__)
@@ -161,24 +163,35 @@ class ScoringWorker:
         except Exception:  # the first map starts it again, and says why
             log.exception("could not start the decoder processes")
         slots = self.cfg.worker.max_studies_in_flight
+        poll = self.cfg.worker.poll_interval_s
         running: dict[Future[Any], int] = {}
+        failures = 0  # claims failed in a row
         with ThreadPoolExecutor(slots, thread_name_prefix="score-study") as studies:
             while not self._stop.is_set():
                 self._wake.clear()
+                wait_s = poll
                 if len(running) < slots:
                     try:
                         for sid in self.claim(slots - len(running)):
                             if sid not in running.values():  # re-claimed after a lapsed renewal
                                 running[studies.submit(self._score_one, sid)] = sid
-                    except Exception:
-                        log.exception("claiming studies failed; retrying")
+                        if failures:
+                            log.info("claiming studies works again after %d failure(s)", failures)
+                        failures = 0
+                    except Exception as e:
+                        failures += 1
+                        wait_s = backoff_s(failures, poll, max(poll, OUTAGE_BACKOFF_MAX_S))
+                        if unavailable(e):
+                            log.warning("cannot claim studies, the database is unavailable "
+                                        "(%s); next try in %.1f s", why_unavailable(e), wait_s)
+                        else:
+                            log.exception("claiming studies failed; next try in %.1f s", wait_s)
                 if running:
-                    done, _ = wait(list(running), timeout=self.cfg.worker.poll_interval_s,
-                                   return_when=FIRST_COMPLETED)
+                    done, _ = wait(list(running), timeout=wait_s, return_when=FIRST_COMPLETED)
                     for f in done:
                         running.pop(f)
-                else:
-                    self._wake.wait(self.cfg.worker.poll_interval_s)
+                else:  # a wake-up (studies completed: the database answers) ends a backoff
+                    self._wake.wait(wait_s)
             wait(list(running))  # the studies in hand are finished before the worker stops
 
     def _score_one(self, study_id: int) -> None:
@@ -187,7 +200,11 @@ class ScoringWorker:
             self.score_isolated([study_id])
         except PoolClosed:  # stopping: the study stays complete and is scored after a restart
             log.info("study #%d left unscored: the daemon is stopping", study_id)
-        except Exception:
+        except Exception as e:
+            if unavailable(e):  # not the study's fault: it stays complete, no attempt counted
+                log.warning("study #%d left for later: the database is unavailable (%s)",
+                            study_id, why_unavailable(e))
+                return
             log.exception("scoring study #%d failed; it will be retried", study_id)
         finally:
             self._let_go([study_id])
@@ -210,8 +227,12 @@ class ScoringWorker:
             return
         try:
             leases.release(self.store, self.node, ids)
-        except Exception:  # they run out by themselves
-            log.exception("could not release study claims")
+        except Exception as e:  # they run out by themselves
+            if unavailable(e):
+                log.warning("could not release %d study claim(s), the database is unavailable; "
+                            "they run out by themselves", len(ids))
+            else:
+                log.exception("could not release study claims")
 
     def _settled(self, study_id: int) -> None:
         """The study's claim was cleared with its result or failure (committed): stop
@@ -227,8 +248,12 @@ class ScoringWorker:
                 held = sorted(self._held)
             try:
                 kept = leases.renew(self.store, self.node, held, lease)
-            except Exception:
-                log.exception("could not renew study claims")
+            except Exception as e:
+                if unavailable(e):
+                    log.warning("could not renew %d study claim(s), the database is "
+                                "unavailable (%s)", len(held), why_unavailable(e))
+                else:
+                    log.exception("could not renew study claims")
                 continue
             if len(kept) < len(held):
                 log.warning("%d study claim(s) were lost (ran out or the study changed); "
@@ -242,6 +267,8 @@ class ScoringWorker:
         except PoolClosed:
             raise  # not the studies' fault: nothing is counted against them
         except Exception as e:
+            if unavailable(e):
+                raise  # nor is the database's absence
             if len(study_ids) == 1:
                 self.fail(study_ids[0], None, e)
                 return {study_ids[0]: None}
@@ -253,6 +280,8 @@ class ScoringWorker:
             except PoolClosed:
                 raise
             except Exception as e:
+                if unavailable(e):
+                    raise
                 self.fail(sid, None, e)
                 out[sid] = None
         return out
@@ -337,6 +366,8 @@ class ScoringWorker:
                            "batch_studies": len(work)}
                 out[sid] = self._record(sid, version, mine, scores, files, timings, js)
             except Exception as e:  # this study's failure must not cost the others theirs
+                if unavailable(e):
+                    raise  # nothing was recorded; every study stays complete for later
                 self.fail(sid, version, e)
                 out[sid] = None
         return out

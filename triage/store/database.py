@@ -11,11 +11,13 @@ from __future__ import annotations
 
 import logging
 import os
+import sqlite3
 from pathlib import Path
 from typing import Any
 
 from sqlalchemy import create_engine, event, text
 from sqlalchemy.engine import Engine, make_url
+from sqlalchemy.exc import DBAPIError, InterfaceError, OperationalError
 from sqlalchemy.orm import Session
 
 from triage import __version__, resources
@@ -23,15 +25,33 @@ from triage.core.errors import TriageError
 
 log = logging.getLogger(__name__)
 
+# Seconds a new PostgreSQL connection may take: a server that is away must cost a
+# C-STORE, a health probe or a worker round seconds, not the TCP stack's minutes.
+CONNECT_TIMEOUT_S = 5
+# The longest wait between tries of a background loop (worker claims, outbox rounds)
+# while the database is unavailable: the wait doubles up to it, so an outage costs a
+# few log lines a minute, and the loop is back at most this long after the database.
+OUTAGE_BACKOFF_MAX_S = 30.0
 
-def _sqlite_pragmas(dbapi_conn: Any, _record: Any) -> None:
-    cur = dbapi_conn.cursor()
-    cur.execute("PRAGMA journal_mode=WAL")
-    # FULL: a committed row survives a power cut, not only a process crash.
-    cur.execute("PRAGMA synchronous=FULL")
-    cur.execute("PRAGMA foreign_keys=ON")
-    cur.execute("PRAGMA busy_timeout=30000")
-    cur.close()
+
+# SQLite result codes that mean "not now" (locked by another connection, the file's disk
+# failing or full, the file not openable) rather than "wrong statement".
+_SQLITE_AWAY = ("SQLITE_BUSY", "SQLITE_LOCKED", "SQLITE_IOERR", "SQLITE_CANTOPEN", "SQLITE_FULL",
+                "SQLITE_PROTOCOL")
+# Seconds a SQLite write waits for another connection's lock, unless the caller says.
+SQLITE_BUSY_TIMEOUT_S = 30.0
+
+
+def _sqlite_pragmas(busy_timeout_s: float) -> Any:
+    def on_connect(dbapi_conn: Any, _record: Any) -> None:
+        cur = dbapi_conn.cursor()
+        cur.execute("PRAGMA journal_mode=WAL")
+        # FULL: a committed row survives a power cut, not only a process crash.
+        cur.execute("PRAGMA synchronous=FULL")
+        cur.execute("PRAGMA foreign_keys=ON")
+        cur.execute(f"PRAGMA busy_timeout={int(busy_timeout_s * 1000)}")
+        cur.close()
+    return on_connect
 
 
 def sqlite_path(target: Path | str) -> Path | None:
@@ -53,22 +73,46 @@ def _server_url(target: str) -> Any:
     return url.set(drivername="postgresql+psycopg")
 
 
-def make_engine(target: Path | str) -> Engine:
+def make_engine(target: Path | str, busy_timeout_s: float = SQLITE_BUSY_TIMEOUT_S) -> Engine:
     """Return an engine on ``target``: a SQLite file (a path or ``sqlite:///`` URL; WAL,
-    synchronous=FULL, foreign keys on) or a PostgreSQL URL (psycopg 3, connections checked
-    before use). Raises ValueError for another kind of database."""
+    synchronous=FULL, foreign keys on, a write waiting ``busy_timeout_s`` for another
+    connection's lock) or a PostgreSQL URL (psycopg 3, connections checked before use).
+    Raises ValueError for another kind of database."""
     path = sqlite_path(target)
     if path is None:
         # pool_pre_ping: a server restart or a failover must not cost a scoring round.
+        # After an outage the pool's old connections are dead: pre-ping finds that out
+        # and SQLAlchemy invalidates the whole pool, so nothing here reconnects by hand.
         return create_engine(_server_url(str(target)), pool_pre_ping=True, pool_size=8,
-                             max_overflow=8)
+                             max_overflow=8, connect_args={"connect_timeout": CONNECT_TIMEOUT_S})
     path.parent.mkdir(parents=True, exist_ok=True)
     engine = create_engine(
         f"sqlite:///{path}",
-        connect_args={"check_same_thread": False, "timeout": 30},
+        connect_args={"check_same_thread": False, "timeout": busy_timeout_s},
     )
-    event.listen(engine, "connect", _sqlite_pragmas)
+    event.listen(engine, "connect", _sqlite_pragmas(busy_timeout_s))
     return engine
+
+
+def unavailable(e: BaseException) -> bool:
+    """Whether ``e`` says the database cannot be used right now (the server stopped or
+    restarting, the connection lost, a SQLite file locked past its busy timeout) rather
+    than that the statement was wrong: trying again later is the remedy."""
+    orig = getattr(e, "orig", None)
+    if isinstance(orig, sqlite3.Error):
+        # SQLite calls a misspelt table an OperationalError too: judge by its result code.
+        return str(getattr(orig, "sqlite_errorname", "")).startswith(_SQLITE_AWAY)
+    if isinstance(e, (OperationalError, InterfaceError)):
+        return True
+    return isinstance(e, DBAPIError) and bool(e.connection_invalidated)
+
+
+def why_unavailable(e: BaseException) -> str:
+    """One line saying why the database is unavailable (the driver's first line; it names
+    the server and the failure, never a statement's parameters)."""
+    orig = getattr(e, "orig", None) or e
+    text_ = str(orig).strip().splitlines()
+    return f"{type(orig).__name__}: {text_[0] if text_ else 'no detail'}"[:300]
 
 
 def is_shared(engine: Engine) -> bool:
@@ -160,9 +204,10 @@ def check_revision(engine: Engine) -> str | None:
     return current
 
 
-def open_db(target: Path | str) -> Engine:
+def open_db(target: Path | str, busy_timeout_s: float = SQLITE_BUSY_TIMEOUT_S) -> Engine:
     """Open the database (a SQLite path or URL, created if needed and readable by the
-    daemon's user only; or a PostgreSQL URL) and upgrade it to head; return the engine.
+    daemon's user only; or a PostgreSQL URL) and upgrade it to head; return the engine
+    (``busy_timeout_s``: see :func:`make_engine`).
 
     Raises ValueError for an unsupported URL, SQLAlchemy's OperationalError when the
     server cannot be reached, and UnknownRevision when a newer triage has migrated it."""
@@ -171,7 +216,7 @@ def open_db(target: Path | str) -> Engine:
         path.parent.mkdir(parents=True, exist_ok=True)
         # Created 0600 before SQLite opens it: SQLite gives its -wal and -shm files the same mode.
         os.close(os.open(path, os.O_RDWR | os.O_CREAT, 0o600))
-    engine = make_engine(path if path is not None else target)
+    engine = make_engine(path if path is not None else target, busy_timeout_s)
     try:
         before = check_revision(engine)
     except UnknownRevision:

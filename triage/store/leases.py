@@ -32,7 +32,7 @@ from typing import Any
 from sqlalchemy import or_, select, update
 
 from triage.store import schema as db
-from triage.store.database import db_now, insert_missing
+from triage.store.database import db_now, insert_missing, unavailable, why_unavailable
 from triage.store.schema import Lease, Study
 
 log = logging.getLogger(__name__)
@@ -103,6 +103,7 @@ class LeaderLease:
         self.store, self.node, self.lease_s, self.name = store, node, lease_s, name
         self._valid_until = 0.0  # monotonic: when our own view of the lease runs out
         self._lock = threading.Lock()
+        self._failures = 0  # ticks failed in a row on an unavailable database
 
     @property
     def held(self) -> bool:
@@ -116,9 +117,20 @@ class LeaderLease:
             started = time.monotonic()
             try:
                 mine = self._take()
-            except Exception:
-                log.exception("could not take or renew the leader lease")
+            except Exception as e:
+                if unavailable(e):  # nobody leads while the database is away; tried next tick
+                    self._failures += 1
+                    (log.warning if self._failures == 1 else log.debug)(
+                        "could not take or renew the leader lease, the database is "
+                        "unavailable (%s)", why_unavailable(e))
+                else:
+                    log.exception("could not take or renew the leader lease")
                 mine = False
+            else:
+                if self._failures:
+                    log.info("the leader lease is reachable again after %d failed tick(s)",
+                             self._failures)
+                self._failures = 0
             was = self._valid_until > started
             # Counted from before the query: our lease cannot outlive the database's view of it.
             self._valid_until = started + self.lease_s if mine else 0.0

@@ -22,18 +22,19 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
-from sqlalchemy import func, select, update
+from sqlalchemy import func, select, text, update
 from sqlalchemy.engine import Engine
 from sqlalchemy.exc import DBAPIError, IntegrityError, NoResultFound
 from sqlalchemy.orm import Session, sessionmaker
 
+from dicom_io import store_status
 from dicom_io.header import Header, read_file_header
 from dicom_io.ids import uid_hash
 from dicom_io.scp import ReceivedInstance
 from dicom_io.spool import Spool, SpoolEntry
 from dicom_io.store_status import Refusal
 from triage.store import schema as db
-from triage.store.database import insert_missing
+from triage.store.database import insert_missing, unavailable, why_unavailable
 from triage.store.schema import Alert, Instance, Rejection, Replacement, Result, Study, StudyEvent
 
 log = logging.getLogger(__name__)
@@ -93,7 +94,19 @@ class Store:
         old one is rescored without it, or, left empty, leaves the worklist with
         a note). The latest instance's demographics win; the values they replace
         stay in the study's history.
+
+        Raises Refusal with ``DB_UNAVAILABLE`` when the database cannot be reached (the
+        instance stays in the spool; a resend, or the next start's reconcile, records it).
         """
+        try:
+            return self._record_with_retries(inst)
+        except DBAPIError as e:
+            if not unavailable(e):
+                raise
+            raise Refusal(store_status.DB_UNAVAILABLE,
+                          f"the database is unavailable ({why_unavailable(e)})") from e
+
+    def _record_with_retries(self, inst: ReceivedInstance) -> str:
         for attempt in range(1, RETRIES + 1):
             try:
                 return self._record(inst)
@@ -259,6 +272,16 @@ class Store:
                 study.reported_by = (by or "")[:64] or None
         log.info("study #%d marked %s", study_id, "reported" if reported else "unread")
         return True
+
+    def unavailable_reason(self) -> str | None:
+        """Return None when the database answers a query now, else one line saying why not
+        (what ``/healthz`` shows). Raises nothing."""
+        try:
+            with self.engine.connect() as c:
+                c.execute(text("SELECT 1 FROM alembic_version"))
+        except Exception as e:
+            return why_unavailable(e) if unavailable(e) else f"{type(e).__name__}: {e}"[:300]
+        return None
 
     def counts(self) -> dict[str, int]:
         """Return the number of studies in each state (every state present, maybe 0)."""

@@ -14,6 +14,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from sqlalchemy.exc import DBAPIError
 from starlette.applications import Starlette
 from starlette.middleware import Middleware
 from starlette.middleware.trustedhost import TrustedHostMiddleware
@@ -29,6 +30,7 @@ from starlette.responses import (
 from starlette.routing import Route
 
 from triage.config import WebConfig
+from triage.store.database import unavailable, why_unavailable
 from triage.web.security import LOOPBACK_HOSTS, AuthMiddleware, SecurityHeaders, Sessions
 
 log = logging.getLogger(__name__)
@@ -147,4 +149,17 @@ def build_app(pages: Any, data_root: Path, web: WebConfig, ops: Ops | None = Non
         # Unauthenticated is loopback only; refusing foreign Host headers also stops
         # DNS rebinding from turning a web page into a client of this server.
         middleware.insert(0, Middleware(TrustedHostMiddleware, allowed_hosts=LOOPBACK_HOSTS))
-    return Starlette(routes=routes, middleware=middleware)
+    return Starlette(routes=routes, middleware=middleware,
+                     exception_handlers={DBAPIError: database_unavailable})
+
+
+def database_unavailable(request: Request, exc: Exception) -> Response:
+    """A page that needs the database while it is away: 503 with a Retry-After, not a 500 (the
+    rendered worklist still serves from its file). Any other database error is re-raised."""
+    if not unavailable(exc):
+        raise exc
+    log.warning("%s %s answered 503: the database is unavailable (%s)", request.method,
+                request.url.path, why_unavailable(exc))
+    return PlainTextResponse("The database is unavailable; try again in a moment.\n",
+                             status_code=503, headers={"Retry-After": "5",
+                                                       "Cache-Control": "no-store"})
