@@ -12,7 +12,13 @@ columns, so either one is a manifest ``triage archive build`` reads.
         --out runs/siteb-halves [--seed 20261203]
 
 writes ``choose.csv`` and ``report.csv`` (paths relative to the manifest's
-folder, so pass that folder as ``--images``) and prints their counts.
+folder, so pass that folder as ``--images``) and prints their counts. With
+``--replay DIR --labels LABELS.csv`` (a replay of an archive that ``triage
+archive build`` made from the whole manifest; its labels CSV names each
+study's image in ``source``) it prints, per half and for all, the studies,
+the unscored ones with their reasons, the AUC with its DeLong interval and the
+specificity at the lowest threshold reaching 95% sensitivity, with its exact
+interval.
 """
 
 from __future__ import annotations
@@ -41,19 +47,59 @@ def halves(rows: list[dict[str, str]], seed: int) -> dict[str, list[dict[str, st
     return out
 
 
+def report(replay: Path, labels: Path, parts: dict[str, list[dict[str, str]]]) -> None:
+    """Print the replay's figures per half (see the module's docstring)."""
+    import json
+    import sys
+    from collections import Counter
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+    from triage.core import metrics
+
+    with labels.open(newline="") as fh:
+        by_uid = {r["StudyInstanceUID"]: r for r in csv.DictReader(fh)}
+    half = {r["path"]: name for name, rows in parts.items() for r in rows}
+    rows = []
+    for line in (replay / "results.jsonl").read_text().splitlines():
+        r = json.loads(line)
+        lab = by_uid[r["study_uid"]]
+        rows.append((half[lab["source"]], int(lab["label"]), r["probability"], r["images"]))
+    for name in (*parts, "all"):
+        sel = [r for r in rows if name == "all" or r[0] == name]
+        scored = [r for r in sel if r[2] is not None]
+        y = np.array([r[1] for r in scored])
+        p = np.array([r[2] for r in scored], dtype=np.float64)
+        auc, (lo, hi) = metrics.delong(y, p)
+        t = metrics.select_threshold(y, p, "sensitivity", 0.95, False, 0.95)
+        sens, spec = metrics.sens_spec(y, p, t)
+        why = Counter(i["reason"].split(" (")[0] for r in sel if r[2] is None
+                      for i in r[3] if i.get("reason"))
+        print(f"{name}: {len(sel)} studies, {len(sel) - len(scored)} unscored {dict(why)}; "
+              f"AUC {auc:.4f} [{lo:.4f}, {hi:.4f}]; specificity {spec.value:.3f} "
+              f"[{spec.lower:.3f}, {spec.upper:.3f}] at sensitivity {sens.value:.3f}")
+
+
 def main() -> int:
     """Write the two halves and print their sizes."""
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--manifest", type=Path, required=True)
     ap.add_argument("--out", type=Path, required=True)
     ap.add_argument("--seed", type=int, default=20261203)
+    ap.add_argument("--replay", type=Path, help="a replay folder to report per half")
+    ap.add_argument("--labels", type=Path, help="the replayed archive's labels.csv")
     args = ap.parse_args()
     with args.manifest.open(newline="") as fh:
         reader = csv.DictReader(fh)
         fields = list(reader.fieldnames or [])
         rows = list(reader)
+    parts = halves(rows, args.seed)
+    if args.replay is not None:
+        if args.labels is None:
+            ap.error("--replay needs --labels")
+        report(args.replay, args.labels, parts)
+        return 0
     args.out.mkdir(parents=True, exist_ok=True)
-    for name, part in halves(rows, args.seed).items():
+    for name, part in parts.items():
         with (args.out / f"{name}.csv").open("w", newline="") as fh:
             w = csv.DictWriter(fh, fieldnames=fields)
             w.writeheader()
