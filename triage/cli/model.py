@@ -281,6 +281,15 @@ def _guard_ood(args: argparse.Namespace) -> int:
     return 0
 
 
+def _exported_guard_args(p: argparse.ArgumentParser) -> None:
+    """The flags of the steps that work on an exported guard: its card and its sources."""
+    p.add_argument("--card", metavar="JSON", required=True, help="the guard's card")
+    p.add_argument("--paediatric-split", metavar="CSV", required=True)
+    p.add_argument("--paediatric-root", metavar="DIR", required=True)
+    p.add_argument("--adult-manifest", metavar="CSV", required=True)
+    p.add_argument("--adult-root", metavar="DIR")
+
+
 def _add_guard(sub: SubParsers) -> None:
     p = sub.add_parser("guard", help="the input guard's network (adult or child, frontal or not)",
                        description="Tools for the input guard.")
@@ -308,11 +317,7 @@ def _add_guard(sub: SubParsers) -> None:
                                     "guard, choose its thresholds on validation and rewrite its "
                                     "card's thresholds and measured rates.")
     config_args(c)
-    c.add_argument("--card", metavar="JSON", required=True, help="the guard's card")
-    c.add_argument("--paediatric-split", metavar="CSV", required=True)
-    c.add_argument("--paediatric-root", metavar="DIR", required=True)
-    c.add_argument("--adult-manifest", metavar="CSV", required=True)
-    c.add_argument("--adult-root", metavar="DIR")
+    _exported_guard_args(c)
     c.set_defaults(func=_guard_calibrate)
     o = gsub.add_parser("ood", help="fit the out-of-distribution check on the guard's embedding",
                         description="Fit a PCA Mahalanobis-plus-residual distance on the exported "
@@ -321,11 +326,7 @@ def _add_guard(sub: SubParsers) -> None:
                                     "held-out children and adults and synthetic non-radiographs, "
                                     "and write <name>.ood.onnx and the card's entry.")
     config_args(o)
-    o.add_argument("--card", metavar="JSON", required=True, help="the guard's card")
-    o.add_argument("--paediatric-split", metavar="CSV", required=True)
-    o.add_argument("--paediatric-root", metavar="DIR", required=True)
-    o.add_argument("--adult-manifest", metavar="CSV", required=True)
-    o.add_argument("--adult-root", metavar="DIR")
+    _exported_guard_args(o)
     o.set_defaults(func=_guard_ood)
     h = gsub.add_parser("child-header", help="choose the threshold for images whose header "
                                              "gives a child's age",
@@ -335,11 +336,7 @@ def _add_guard(sub: SubParsers) -> None:
                                     "the out-of-distribution one) at least 97.5%% of the time; "
                                     "measure it on the held-out part. Run after `ood`.")
     config_args(h)
-    h.add_argument("--card", metavar="JSON", required=True, help="the guard's card")
-    h.add_argument("--paediatric-split", metavar="CSV", required=True)
-    h.add_argument("--paediatric-root", metavar="DIR", required=True)
-    h.add_argument("--adult-manifest", metavar="CSV", required=True)
-    h.add_argument("--adult-root", metavar="DIR")
+    _exported_guard_args(h)
     h.set_defaults(func=_guard_child_header)
 
 
