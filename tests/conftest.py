@@ -148,6 +148,15 @@ def scu(calling: str = "TRIAGE_SCU", syntaxes: tuple[str, ...] = ("1.2.840.10008
     return ae
 
 
+def echo_ok(port: int) -> bool:
+    """True when a C-ECHO to the listener on ``port`` succeeds (it is up and answering)."""
+    a = scu().associate("127.0.0.1", port, ae_title="TRIAGE")
+    ok = a.is_established and a.send_c_echo().Status == 0
+    if a.is_established:
+        a.release()
+    return bool(ok)
+
+
 def send(port: int, datasets: list[Dataset | Path], calling: str = "TRIAGE_SCU",
          called: str = "TRIAGE") -> list[int]:
     """Send over one association with pynetdicom; return each C-STORE status (-1: no reply)."""

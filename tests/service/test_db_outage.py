@@ -30,7 +30,7 @@ from sqlalchemy import text
 
 from dicom_io import store_status as status
 from tests import synth
-from tests.conftest import free_port, scu, send, serve_config, wait_for
+from tests.conftest import echo_ok, free_port, send, serve_config, wait_for
 from tests.peers import StoreScp
 from triage.service.daemon import Daemon
 from triage.store.database import make_engine
@@ -85,14 +85,6 @@ class HealthWatch:
     def __exit__(self, *exc: object) -> None:
         self._stop.set()
         self._thread.join(30)
-
-
-def _echo(port: int) -> bool:
-    a = scu().associate("127.0.0.1", port, ae_title="TRIAGE")
-    ok = a.is_established and a.send_c_echo().Status == 0
-    if a.is_established:
-        a.release()
-    return bool(ok)
 
 
 def _http(port: int, path: str) -> tuple[int, str]:
@@ -156,7 +148,7 @@ def test_postgresql_stopped_mid_stream_for_12_s_loses_nothing_and_decides_each_s
                for i in range(N_STUDIES)]
     answers: dict[int, list[int]] = {i: [] for i in range(N_STUDIES)}
     try:
-        wait_for(lambda: _echo(port), timeout=120)
+        wait_for(lambda: echo_ok(port), timeout=120)
         with HealthWatch(web_port) as health:
             wait_for(lambda: health.answers and health.answers[-1][0] == 200, timeout=30)
             first, during = N_STUDIES // 3, 2 * N_STUDIES // 3

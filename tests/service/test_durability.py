@@ -17,7 +17,7 @@ import pytest
 
 from dicom_io import store_status as status
 from tests import synth
-from tests.conftest import free_port, model_for_tests, scu, send, wait_for
+from tests.conftest import echo_ok, free_port, model_for_tests, scu, send, wait_for
 from tests.dicom_bytes import dataset_body
 
 pytestmark = pytest.mark.slow
@@ -41,15 +41,6 @@ def _start(cfg: Path, log: Path) -> subprocess.Popen[bytes]:
     return proc
 
 
-def _echo_ok(port: int) -> bool:
-    assoc = scu().associate("127.0.0.1", port, ae_title="TRIAGE")
-    if not assoc.is_established:
-        return False
-    ok = assoc.send_c_echo().Status == 0
-    assoc.release()
-    return bool(ok)
-
-
 def _rows(db: Path) -> list[tuple[str, str, str]]:
     with sqlite3.connect(db) as c:
         return c.execute("SELECT sop_instance_uid, relpath, sha256 FROM instances").fetchall()
@@ -60,7 +51,7 @@ def test_kill_9_mid_stream_loses_no_acknowledged_instance(tmp_path: Path) -> Non
     cfg, log = _write_config(tmp_path, port, data), tmp_path / "serve.log"
     files = tmp_path / "src"
     proc = _start(cfg, log)
-    wait_for(lambda: _echo_ok(port), timeout=60)
+    wait_for(lambda: echo_ok(port), timeout=60)
 
     acked: dict[str, Path] = {}
     cut: dict[int, int] = {}  # stream -> the send whose answer never came
@@ -100,7 +91,7 @@ def test_kill_9_mid_stream_loses_no_acknowledged_instance(tmp_path: Path) -> Non
 
     proc = _start(cfg, log)
     try:
-        wait_for(lambda: _echo_ok(port), timeout=60)
+        wait_for(lambda: echo_ok(port), timeout=60)
         rows = _rows(data / "triage.sqlite")
         by_uid: dict[str, list[tuple[str, str]]] = {}
         for uid, rel, sha in rows:
@@ -121,7 +112,7 @@ def test_sigterm_finishes_the_association_in_flight_then_exits_cleanly(tmp_path:
     port, data = free_port(), tmp_path / "var"
     cfg, log = _write_config(tmp_path, port, data), tmp_path / "serve.log"
     proc = _start(cfg, log)
-    wait_for(lambda: _echo_ok(port), timeout=60)
+    wait_for(lambda: echo_ok(port), timeout=60)
     assoc = scu().associate("127.0.0.1", port, ae_title="TRIAGE")
     assert assoc.is_established
     spec = synth.SynthSpec(rows=64, columns=64)
@@ -150,7 +141,7 @@ def test_full_disk_is_refused_with_a700_and_the_daemon_keeps_running(daemon_fact
     assert all(s == status.SUCCESS for s in statuses[:first_refusal])
     assert list(d.spool.tmp.iterdir()) == []
     assert len(list(d.spool.files())) == statuses.count(status.SUCCESS)
-    assert _echo_ok(d.dicom_port)
+    assert echo_ok(d.dicom_port)
 
 
 def _tgkill(pid: int, tid: int, sig: int) -> None:
@@ -169,7 +160,7 @@ def test_sigterm_landing_on_any_thread_stops_the_daemon(tmp_path: Path) -> None:
     cfg, log = _write_config(tmp_path, port, data), tmp_path / "serve.log"
     proc = _start(cfg, log)
     try:
-        wait_for(lambda: _echo_ok(port), timeout=60)
+        wait_for(lambda: echo_ok(port), timeout=60)
         others = sorted(int(t.name) for t in Path(f"/proc/{proc.pid}/task").iterdir()
                         if int(t.name) != proc.pid)
         assert others, "the daemon runs no threads besides the main one"

@@ -21,7 +21,7 @@ import pytest
 from sqlalchemy import text
 
 from tests import synth
-from tests.conftest import free_port, scu, send, serve_config, wait_for
+from tests.conftest import echo_ok, free_port, send, serve_config, wait_for
 from tests.dicom_bytes import dataset_body
 from triage.store.database import make_engine
 
@@ -43,14 +43,6 @@ def _start(cfg: Path, log: Path) -> subprocess.Popen[bytes]:
                             stdout=log.open("ab"), stderr=subprocess.STDOUT)
 
 
-def _echo(port: int) -> bool:
-    a = scu().associate("127.0.0.1", port, ae_title="TRIAGE")
-    ok = a.is_established and a.send_c_echo().Status == 0
-    if a.is_established:
-        a.release()
-    return bool(ok)
-
-
 def _rows(engine: Any, sql: str, **params: Any) -> list[Any]:
     with engine.connect() as c:
         return list(c.execute(text(sql), params).all())
@@ -61,11 +53,11 @@ def test_two_daemons_share_the_work_and_survive_a_kill_9_mid_scoring(
     data = tmp_path / "shared-var"
     (cfg_a, port_a), (cfg_b, port_b) = (_config(tmp_path, n, data, pg_url) for n in "ab")
     a = _start(cfg_a, tmp_path / "a.log")
-    wait_for(lambda: _echo(port_a), timeout=90)
+    wait_for(lambda: echo_ok(port_a), timeout=90)
     b = _start(cfg_b, tmp_path / "b.log")
     engine = make_engine(pg_url)
     try:
-        wait_for(lambda: _echo(port_b), timeout=90)
+        wait_for(lambda: echo_ok(port_b), timeout=90)
         # Every study's two instances arrive at different daemons.
         acked: dict[str, bytes] = {}
         studies = []

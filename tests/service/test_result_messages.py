@@ -19,11 +19,13 @@ from prometheus_client.parser import text_string_to_metric_families
 from sqlalchemy import select
 
 from tests import synth
-from tests.conftest import free_port, model_for_tests, scu, send, wait_for
+from tests.conftest import echo_ok, free_port, model_for_tests, send, wait_for
 from tests.ris_peers import FhirServer, MllpRis
+from tests.service.test_outbox import all_sent
+from tests.service.test_outbox import deliveries as rows
 from triage.service.daemon import Daemon
 from triage.store import schema as db
-from triage.store.schema import Delivery, Result, ResultObject, Study
+from triage.store.schema import Result, Study
 
 pytestmark = pytest.mark.slow
 FAST = {"results.retry_initial_s": 0.2, "results.retry_max_s": 1.0,
@@ -45,20 +47,6 @@ def hl7_dest(port: int, **kw: Any) -> dict[str, Any]:
 def fhir_dest(url: str, **kw: Any) -> dict[str, Any]:
     """A FHIR destination at ``url``."""
     return {"kind": "fhir", "url": url, "name": "ehr", "bearer_token": "t0ken", **kw}
-
-
-def rows(d: Daemon) -> list[tuple[Delivery, ResultObject]]:
-    """Every outbox row with its object."""
-    with d.store.read() as s:
-        return list(s.execute(select(Delivery, ResultObject)
-                              .join(ResultObject, ResultObject.id == Delivery.object_id)
-                              .order_by(Delivery.id)).tuples())
-
-
-def all_sent(d: Daemon, n: int) -> bool:
-    """True when ``n`` outbox rows exist and every one is sent."""
-    got = rows(d)
-    return len(got) == n and all(dl.state == db.SENT for dl, _ in got)
 
 
 def probabilities(d: Daemon) -> dict[str, float | None]:
@@ -256,15 +244,6 @@ def _dicom_port(cfg: Path) -> int:
     return int(tomllib.loads(cfg.read_text())["dicom"]["port"])
 
 
-def _echo_ok(port: int) -> bool:
-    assoc = scu().associate("127.0.0.1", port, ae_title="TRIAGE")
-    if not assoc.is_established:
-        return False
-    ok = assoc.send_c_echo().Status == 0
-    assoc.release()
-    return bool(ok)
-
-
 def test_kill_9_while_waiting_for_an_ack_loses_nothing_and_sends_no_second_message(
         tmp_path: Path, ris: MllpRis) -> None:
     """The RIS takes the first message and never answers; the daemon is killed -9 then
@@ -278,7 +257,7 @@ def test_kill_9_while_waiting_for_an_ack_loses_nothing_and_sends_no_second_messa
     proc = subprocess.Popen(cmd, stdout=log.open("ab"), stderr=subprocess.STDOUT)
     try:
         port = _dicom_port(cfg)
-        wait_for(lambda: _echo_ok(port), timeout=120)
+        wait_for(lambda: echo_ok(port), timeout=120)
         for n in (1, 2, 3):
             assert send(port, [synth.make_dataset(spec(n))]) == [0]
         ris.wait_for_count(1)
