@@ -37,7 +37,9 @@ def _children(pid: int) -> list[int]:
 
 
 def _calls(log: Path) -> list[tuple[int, str, str]]:
-    """(thread id, syscall, the rest of the line) in the order strace saw them enter."""
+    """(thread id, syscall, the rest of the line) in the order strace saw them enter. A call
+    that another thread interrupted is printed as ``fsync(7</d> <unfinished ...>``: its
+    arguments are there, its closing parenthesis is not."""
     out = []
     for line in log.read_text(errors="replace").splitlines():
         m = LINE.match(line)
@@ -113,7 +115,7 @@ def test_fsync_rename_dirsync_commit_then_response(tmp_path: Path, receive_dir: 
     directory = os.path.dirname(target)
     # 3. Then the directory that now names it is synced.
     i_dir = _first(calls, i_rename, lambda t, c, a: t == handler and c == "fsync"
-                   and f"<{directory}>)" in a)
+                   and f"<{directory}>" in a)
     # 4. Then the database commit is made durable: SQLite syncs its write-ahead log.
     i_commit = _first(calls, i_dir, lambda t, c, a: t == handler and c in ("fsync", "fdatasync")
                       and "triage.sqlite-wal>" in a)

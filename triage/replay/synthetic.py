@@ -20,6 +20,7 @@ import dataclasses
 import datetime as _dt
 import hashlib
 import logging
+import multiprocessing
 from collections.abc import Sequence
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass
@@ -270,7 +271,10 @@ def build(opts: BuildOptions) -> Path:
     if opts.workers == 1:
         ids = [_build_one(j) for j in jobs]
     else:
-        with ProcessPoolExecutor(opts.workers) as pool:
+        # forkserver: forking a process that already runs threads (onnxruntime's, a test
+        # runner's) can copy a held lock into the child, which then waits forever.
+        ctx = multiprocessing.get_context("forkserver")
+        with ProcessPoolExecutor(opts.workers, mp_context=ctx) as pool:
             ids = list(pool.map(_build_one, jobs, chunksize=4))
     labels = opts.out / "labels.csv"
     with labels.open("w", newline="") as fh:
