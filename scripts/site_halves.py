@@ -25,8 +25,10 @@ from __future__ import annotations
 
 import argparse
 import csv
+import json
 from collections import defaultdict
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -47,23 +49,35 @@ def halves(rows: list[dict[str, str]], seed: int) -> dict[str, list[dict[str, st
     return out
 
 
-def report(replay: Path, labels: Path, parts: dict[str, list[dict[str, str]]]) -> None:
-    """Print the replay's figures per half (see the module's docstring)."""
-    import json
+def _scores(replay: Path, labels: Path, half: dict[str, str]) -> list[tuple[str, int, Any, Any, str]]:
+    """(half, label, probability or None, images, study uid) of each study in a replay."""
+    with labels.open(newline="") as fh:
+        by_uid = {r["StudyInstanceUID"]: r for r in csv.DictReader(fh)}
+    rows = []
+    for line in (replay / "results.jsonl").read_text().splitlines():
+        r = json.loads(line)
+        lab = by_uid[r["study_uid"]]
+        rows.append((half[lab["source"]], int(lab["label"]), r["probability"], r["images"],
+                     r["study_uid"]))
+    return rows
+
+
+def report(replay: Path, labels: Path, parts: dict[str, list[dict[str, str]]],
+           baseline: Path | None = None) -> None:
+    """Print the replay's figures per half (see the module's docstring): AUC (DeLong),
+    specificity at sensitivity >= 0.95 and at the replay's own abnormal threshold, and with
+    ``baseline`` (another replay of the same archive) the paired bootstrap difference in AUC
+    over the studies both scored."""
     import sys
     from collections import Counter
 
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
     from triage.core import metrics
 
-    with labels.open(newline="") as fh:
-        by_uid = {r["StudyInstanceUID"]: r for r in csv.DictReader(fh)}
     half = {r["path"]: name for name, rows in parts.items() for r in rows}
-    rows = []
-    for line in (replay / "results.jsonl").read_text().splitlines():
-        r = json.loads(line)
-        lab = by_uid[r["study_uid"]]
-        rows.append((half[lab["source"]], int(lab["label"]), r["probability"], r["images"]))
+    rows = _scores(replay, labels, half)
+    point = json.loads((replay / "report.json").read_text())["thresholds"]["abnormal"]
+    base = {r[4]: r[2] for r in _scores(baseline, labels, half)} if baseline else {}
     for name in (*parts, "all"):
         sel = [r for r in rows if name == "all" or r[0] == name]
         scored = [r for r in sel if r[2] is not None]
@@ -77,6 +91,25 @@ def report(replay: Path, labels: Path, parts: dict[str, list[dict[str, str]]]) -
         print(f"{name}: {len(sel)} studies, {len(sel) - len(scored)} unscored {dict(why)}; "
               f"AUC {auc:.4f} [{lo:.4f}, {hi:.4f}]; specificity {spec.value:.3f} "
               f"[{spec.lower:.3f}, {spec.upper:.3f}] at sensitivity {sens.value:.3f}")
+        sens, spec = metrics.sens_spec(y, p, point)
+        print(f"  at the abnormal threshold {point:.4f}: sensitivity {sens.value:.3f} "
+              f"[{sens.lower:.3f}, {sens.upper:.3f}], specificity {spec.value:.3f} "
+              f"[{spec.lower:.3f}, {spec.upper:.3f}]")
+        both = [r for r in scored if base.get(r[4]) is not None]
+        if both:
+            yb = np.array([r[1] for r in both])
+            pa = np.array([r[2] for r in both], dtype=np.float64)
+            pb = np.array([base[r[4]] for r in both], dtype=np.float64)
+            rng = np.random.default_rng(0)
+            d = []
+            for _ in range(2000):
+                i = rng.integers(0, len(yb), len(yb))
+                if 0 < yb[i].sum() < len(i):
+                    d.append(metrics.auc(yb[i], pa[i]) - metrics.auc(yb[i], pb[i]))
+            print(f"  AUC minus the baseline's on the {len(both)} studies both scored: "
+                  f"{metrics.auc(yb, pa) - metrics.auc(yb, pb):+.4f} "
+                  f"[{np.quantile(d, 0.025):+.4f}, {np.quantile(d, 0.975):+.4f}] "
+                  "(paired bootstrap by study, 2000 resamples)")
 
 
 def main() -> int:
@@ -87,6 +120,7 @@ def main() -> int:
     ap.add_argument("--seed", type=int, default=20261203)
     ap.add_argument("--replay", type=Path, help="a replay folder to report per half")
     ap.add_argument("--labels", type=Path, help="the replayed archive's labels.csv")
+    ap.add_argument("--baseline", type=Path, help="another replay of the archive to compare with")
     args = ap.parse_args()
     with args.manifest.open(newline="") as fh:
         reader = csv.DictReader(fh)
@@ -96,7 +130,7 @@ def main() -> int:
     if args.replay is not None:
         if args.labels is None:
             ap.error("--replay needs --labels")
-        report(args.replay, args.labels, parts)
+        report(args.replay, args.labels, parts, args.baseline)
         return 0
     args.out.mkdir(parents=True, exist_ok=True)
     for name, part in parts.items():
