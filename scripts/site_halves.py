@@ -100,15 +100,9 @@ def report(replay: Path, labels: Path, parts: dict[str, list[dict[str, str]]],
             yb = np.array([r[1] for r in both])
             pa = np.array([r[2] for r in both], dtype=np.float64)
             pb = np.array([base[r[4]] for r in both], dtype=np.float64)
-            rng = np.random.default_rng(0)
-            d = []
-            for _ in range(2000):
-                i = rng.integers(0, len(yb), len(yb))
-                if 0 < yb[i].sum() < len(i):
-                    d.append(metrics.auc(yb[i], pa[i]) - metrics.auc(yb[i], pb[i]))
+            diff, (lo, hi) = metrics.bootstrap_auc_difference(yb, pa, pb, 2000)
             print(f"  AUC minus the baseline's on the {len(both)} studies both scored: "
-                  f"{metrics.auc(yb, pa) - metrics.auc(yb, pb):+.4f} "
-                  f"[{np.quantile(d, 0.025):+.4f}, {np.quantile(d, 0.975):+.4f}] "
+                  f"{diff:+.4f} [{lo:+.4f}, {hi:+.4f}] "
                   "(paired bootstrap by study, 2000 resamples)")
 
 
