@@ -314,8 +314,8 @@ class StoreScp:
         log.info("association from %s (calling AE %r): %d presentation context(s) refused: %s",
                  req.address, str(req.ae_title).strip(), len(refused), what)
 
-    def _on_store(self, event: Any) -> int:
-        calling = str(event.assoc.requestor.ae_title).strip()
+    def _on_store(self, event: Any, calling: str | None = None) -> int:
+        calling = calling or str(event.assoc.requestor.ae_title).strip()
         req = event.request
         sop_class = str(req.AffectedSOPClassUID or "")
         sop_uid = str(req.AffectedSOPInstanceUID or "")
@@ -333,13 +333,27 @@ class StoreScp:
                  uid_hash(header.study_uid), calling)
         return status.SUCCESS
 
+    def on_store(self, event: Any, calling: str | None = None) -> int:
+        """Answer a C-STORE request on any association: the listener's, or one this node
+        opened itself (a C-GET's, whose sub-operations arrive on the same association; pass
+        the peer's AE title as ``calling``). Returns the status to send."""
+        return self._on_store(event, calling)
+
     def _store(self, event: Any, calling: str, sop_class: str,
                sop_uid: str) -> tuple[str, Header]:
+        return self.ingest(Path(event.dataset_path), str(event.context.transfer_syntax),
+                           sop_class, sop_uid, calling)
+
+    def ingest(self, path: Path, ts: str, sop_class: str, sop_uid: str,
+               calling: str) -> tuple[str, Header]:
+        """Take one received data set (the file at ``path``, without its File Meta, in
+        transfer syntax ``ts``, or a Part 10 file) on the durable path: check room and size,
+        validate against ``sop_class``/``sop_uid``, move it into the spool (durably), record
+        it. Returns (the recorder's outcome, the header). Raises Refusal with the status to
+        answer; the file is then left where it was, for the caller to remove."""
         if not self.spool.has_room():
             raise Refusal(status.OUT_OF_RESOURCES,
                           f"free disk space below reserve ({self.spool.free_bytes() // 2**20} MiB free)")
-        ts = str(event.context.transfer_syntax)
-        path = Path(event.dataset_path)
         size = path.stat().st_size
         limit = self.settings.max_dataset_bytes
         if size > limit:
@@ -364,6 +378,35 @@ class StoreScp:
             raise Refusal(code, str(e)) from e
         outcome = self.recorder.record_instance(ReceivedInstance(header, ts, calling, entry))
         return outcome, header
+
+    def take(self, path: Path, ts: str, sop_class: str, sop_uid: str,
+             calling: str) -> tuple[int, str | None, Header | None]:
+        """:meth:`ingest` for another transport than a C-STORE (DICOMweb STOW-RS): returns
+        (the C-STORE status it would have answered, the outcome, the header) instead of
+        raising, and records and logs a refusal exactly as the listener does."""
+        if sop_class not in STORAGE_SOP_CLASSES:
+            r = Refusal(status.SOP_CLASS_NOT_SUPPORTED,
+                        f"SOP class {sop_class or '(none)'} is not one triage stores")
+            self._refuse(calling, sop_class, sop_uid, r)
+            return r.status, None, None
+        try:
+            outcome, header = self.ingest(path, ts, sop_class, sop_uid, calling)
+        except Refusal as r:
+            self._refuse(calling, sop_class, sop_uid, r)
+            return r.status, None, None
+        except Exception as e:
+            failure = Refusal(status.UNEXPECTED, f"unexpected {type(e).__name__}: {e}")
+            log.exception("storing %s failed unexpectedly", uid_hash(sop_uid))
+            self._refuse(calling, sop_class, sop_uid, failure)
+            return failure.status, None, None
+        log.info("%s %s: instance %s of study %s", calling, outcome, uid_hash(sop_uid),
+                 uid_hash(header.study_uid))
+        return status.SUCCESS, outcome, header
+
+    def refuse(self, calling: str, sop_class: str, sop_uid: str, r: Refusal) -> None:
+        """Log and record a refusal decided before :meth:`take` could run (a STOW-RS part that
+        is not DICOM at all)."""
+        self._refuse(calling, sop_class, sop_uid, r)
 
     def _refuse(self, calling: str, sop_class: str, sop_uid: str, r: Refusal) -> None:
         log.warning("C-STORE refused 0x%04X for instance %s from %s: %s",

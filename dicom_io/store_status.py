@@ -18,6 +18,9 @@ TOO_MANY_PIXELS = 0xA702  # Rows x Columns x Frames above dicom.max_pixels (befo
 # Resources, which senders treat as "try again later"; Cxxx would tell them the data
 # set itself is at fault and that resending it cannot help.
 DB_UNAVAILABLE = 0xA703
+# Refused: SOP Class not supported (PS3.7 C.4.2.1.4.1). The listener never sees one (its
+# presentation contexts refuse the class); a DICOMweb STOW-RS part can carry any class.
+SOP_CLASS_NOT_SUPPORTED = 0x0122
 DATASET_MISMATCH = 0xA900  # data set does not match the SOP class it was sent as
 UNREADABLE = 0xC210  # the data set could not be parsed
 UNEXPECTED = 0xC211  # an unexpected error in the handler (pynetdicom uses it too)
@@ -29,6 +32,7 @@ MEANING = {
     TOO_LARGE: "Refused: Out of Resources (data set larger than the configured maximum)",
     TOO_MANY_PIXELS: "Refused: Out of Resources (more pixels than the configured maximum)",
     DB_UNAVAILABLE: "Refused: Out of Resources (the database is unavailable; send again later)",
+    SOP_CLASS_NOT_SUPPORTED: "Refused: SOP Class not supported",
     DATASET_MISMATCH: "Error: Data Set does not match SOP Class",
     UNREADABLE: "Error: Cannot understand (data set unreadable)",
     UNEXPECTED: "Error: Cannot understand (unexpected processing failure)",

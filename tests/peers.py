@@ -1,8 +1,9 @@
 """Real DICOM peers for the tests: DCMTK's storescp and Orthanc, each on free loopback ports.
 
 Both run as child processes of the test in its temp dir and are stopped at
-teardown. Orthanc gets a generated JSON configuration (no plugins, no remote
-access, no authentication, loopback only) and is queried through its REST API.
+teardown. Orthanc gets a generated JSON configuration (no plugins but, where asked,
+DICOMweb; no remote access, no authentication, loopback only) and is queried
+through its REST API.
 """
 
 from __future__ import annotations
@@ -81,6 +82,16 @@ class StoreScp:
                        for p in self.files())
 
 
+def dicomweb_plugin() -> str:
+    """The Debian orthanc-dicomweb plugin's library; fails the test when it is not installed."""
+    for path in ("/usr/share/orthanc/plugins/libOrthancDicomWeb.so",
+                 "/usr/lib/orthanc/libOrthancDicomWeb.so"):
+        if Path(path).exists():
+            return path
+    pytest.fail("the Orthanc DICOMweb plugin is not installed (Debian package orthanc-dicomweb; "
+                "scripts/system-deps.sh installs it)")
+
+
 @dataclass
 class Orthanc:
     """Orthanc as the PACS, in a temp dir, on free DICOM and HTTP ports."""
@@ -89,6 +100,9 @@ class Orthanc:
     ae_title: str = "ORTHANC"
     dicom_port: int = field(default_factory=free_port)
     http_port: int = field(default_factory=free_port)
+    # DICOMweb: the Debian orthanc-dicomweb plugin, serving /dicom-web/ (and its STOW-RS client).
+    dicomweb: bool = False
+    extra: dict[str, Any] = field(default_factory=dict)  # more configuration keys
     proc: subprocess.Popen[bytes] | None = None
 
     @property
@@ -106,6 +120,10 @@ class Orthanc:
             "AuthenticationEnabled": False, "RegisteredUsers": {}, "DicomAlwaysAllowStore": True,
             "OverwriteInstances": False, "StableAge": 1, "HttpDescribeErrors": True,
             "DicomModalities": {}, "OrthancPeers": {}, "SaveJobs": False, "MetricsEnabled": False,
+            **({"Plugins": [dicomweb_plugin()],
+                "DicomWeb": {"Enable": True, "Root": "/dicom-web/", "Servers": {}}}
+               if self.dicomweb else {}),
+            **self.extra,
         }
 
     def start(self) -> Orthanc:
@@ -137,6 +155,23 @@ class Orthanc:
             except subprocess.TimeoutExpired:
                 self.proc.kill()
                 self.proc.wait(15)
+
+    def call(self, method: str, path: str, body: Any = None) -> Any:
+        """Send ``body`` (as JSON; bytes as they are) to a REST resource; return the JSON answer."""
+        data = body if isinstance(body, bytes) else None if body is None else json.dumps(body).encode()
+        req = urllib.request.Request(self.url + path, data=data, method=method)
+        with urllib.request.urlopen(req, timeout=120) as r:
+            raw = r.read()
+        return json.loads(raw) if raw else None
+
+    def add_modality(self, name: str, ae_title: str, port: int, host: str = "127.0.0.1") -> None:
+        """Make a DICOM node known to Orthanc (who may query and retrieve, and where C-MOVE sends)."""
+        self.call("PUT", f"/modalities/{name}", {"AET": ae_title, "Host": host, "Port": port})
+
+    def upload(self, paths: list[Path]) -> None:
+        """Store DICOM files into Orthanc over its REST API."""
+        for path in paths:
+            self.call("POST", "/instances", path.read_bytes())
 
     def get(self, path: str) -> Any:
         """GET a REST resource and return its JSON."""

@@ -533,21 +533,21 @@ def _check_destination_host(host: str, key: str) -> None:
 
 _HOST_LABEL = re.compile(r"(?!-)[A-Za-z0-9-]{1,63}(?<!-)")
 SEND_KINDS = ("sr", "overlay")
-DESTINATION_KINDS = ("dicom", "hl7", "fhir")
+DESTINATION_KINDS = ("dicom", "dicomweb", "hl7", "fhir")
 HL7_MESSAGES = ("oru", "oru+orm")
 # The port a destination listens on when the config gives none: DICOM's 104, MLLP's 2575
 # (a FHIR server's port is in its URL). UNSET marks "not given" (0 stays an error).
-DEFAULT_PORTS = {"dicom": 104, "hl7": 2575, "fhir": 0}
+DEFAULT_PORTS = {"dicom": 104, "dicomweb": 0, "hl7": 2575, "fhir": 0}
 UNSET_PORT = -1
 _HL7_NAME = re.compile(r"[^|^~\\&\r\n]{0,40}")  # no HL7 delimiters in MSH-3..6
 
 
 @dataclass(frozen=True)
 class DestinationConfig:
-    """One destination results are sent to: a PACS (DICOM C-STORE), a RIS (HL7 v2 over MLLP) or
-    an EHR (FHIR R4 over HTTP)."""
+    """One destination results are sent to: a PACS (DICOM C-STORE, or DICOMweb STOW-RS), a RIS
+    (HL7 v2 over MLLP) or an EHR (FHIR R4 over HTTP)."""
 
-    kind: str = "dicom"  # dicom | hl7 | fhir
+    kind: str = "dicom"  # dicom | dicomweb | hl7 | fhir
     ae_title: str = ""
     host: str = ""
     port: int = UNSET_PORT  # not given: the kind's usual port (104 for dicom, 2575 for hl7)
@@ -564,7 +564,8 @@ class DestinationConfig:
     receiving_application: str = ""
     receiving_facility: str = ""
     message: str = "oru"  # oru | oru+orm
-    # FHIR R4 (kind = "fhir"): the server's base URL and how to authenticate.
+    # FHIR R4 (kind = "fhir"): the server's base URL; DICOMweb (kind = "dicomweb"): the
+    # server's DICOMweb root (STOW-RS posts to URL/studies). How to authenticate to either:
     url: str = ""
     bearer_token: str = ""
     basic_user: str = ""
@@ -577,12 +578,13 @@ class DestinationConfig:
                + _suggest(self.kind, DESTINATION_KINDS))
         if self.port == UNSET_PORT:
             object.__setattr__(self, "port", DEFAULT_PORTS[self.kind])
-        {"dicom": self._check_dicom, "hl7": self._check_hl7, "fhir": self._check_fhir}[self.kind]()
+        {"dicom": self._check_dicom, "dicomweb": self._check_dicomweb, "hl7": self._check_hl7,
+         "fhir": self._check_fhir}[self.kind]()
         _check(len(self.label) <= 64 and self.label.isprintable(), f"{key}.name",
                "must be at most 64 printable characters")
         _check(bool(self.tls_cert_file) == bool(self.tls_key_file), f"{key}.tls_cert_file",
                "tls_cert_file and tls_key_file must be set together")
-        _check(self.tls or self.kind == "fhir" or not (self.tls_ca_file or self.tls_cert_file),
+        _check(self.tls or self.kind in ("fhir", "dicomweb") or not (self.tls_ca_file or self.tls_cert_file),
                f"{key}.tls", "TLS files are set but tls = false; set tls = true to use them")
 
     def _check_address(self) -> None:
@@ -596,6 +598,14 @@ class DestinationConfig:
         _check(bool(self.ae_title), f"{key}.ae_title", "is required (the destination's AE title)")
         _check_ae(self.ae_title, f"{key}.ae_title")
         self._check_address()
+        self._check_send()
+
+    def _check_dicomweb(self) -> None:
+        self._check_http("the server's DICOMweb root, e.g. https://pacs/dicom-web")
+        self._check_send()
+
+    def _check_send(self) -> None:
+        key = "results.destinations"
         _check(bool(self.send) and len(set(self.send)) == len(self.send), f"{key}.send",
                f"list what to send, each once: any of {', '.join(SEND_KINDS)}")
         for kind in self.send:
@@ -615,9 +625,12 @@ class DestinationConfig:
                    "at most 40 characters, none of | ^ ~ \\ & or a line break")
 
     def _check_fhir(self) -> None:
+        self._check_http("the FHIR server's base URL")
+
+    def _check_http(self, what: str) -> None:
         key = "results.destinations"
         _check(self.url.startswith(("http://", "https://")) and " " not in self.url,
-               f"{key}.url", "is required: the FHIR server's base URL (http:// or https://)")
+               f"{key}.url", f"is required: {what} (http:// or https://)")
         _check("@" not in self.url.split("/")[2], f"{key}.url",
                "must not carry credentials (use bearer_token or basic_user/basic_password)")
         _check(not (self.bearer_token and self.basic_user), f"{key}.bearer_token",
@@ -633,14 +646,14 @@ class DestinationConfig:
             return self.name
         if self.kind == "hl7":
             return f"hl7:{self.host}:{self.port}"
-        if self.kind == "fhir":
+        if self.kind in ("fhir", "dicomweb"):
             return self.url[:64]
         return f"{self.ae_title}@{self.host}:{self.port}"
 
     @property
     def objects(self) -> tuple[str, ...]:
-        """The kinds of outbox object this destination is sent: "sr"/"overlay" (dicom), "oru"
-        and "orm" (hl7), "fhir"."""
+        """The kinds of outbox object this destination is sent: "sr"/"overlay" (dicom and
+        dicomweb), "oru" and "orm" (hl7), "fhir"."""
         if self.kind == "hl7":
             return ("oru", "orm") if self.message == "oru+orm" else ("oru",)
         if self.kind == "fhir":
@@ -678,6 +691,90 @@ class ResultsConfig:
         """Return the destinations that are sent objects of ``kind`` ("sr", "overlay", "oru",
         "orm" or "fhir")."""
         return [d for d in self.destinations if kind in d.objects]
+
+
+RETRIEVE_MODES = ("c-move", "c-get")
+# Keys a pull source may add to its C-FIND (attribute matching at STUDY level, PS3.4 C.6.2.1).
+PULL_EXTRA_KEYS = ("BodyPartExamined", "StudyDescription", "InstitutionName",
+                   "ReferringPhysicianName", "AccessionNumber")
+
+
+@dataclass(frozen=True)
+class PullSourceConfig:
+    """A PACS that triage queries for new studies and retrieves them from (C-FIND, then
+    C-MOVE to our own listener or C-GET on the query's association)."""
+
+    name: str = ""
+    ae_title: str = ""
+    host: str = ""
+    port: int = 104
+    every_s: float = 60.0
+    lookback_days: int = 1
+    retrieve: str = "c-move"  # c-move | c-get
+    modalities: tuple[str, ...] = ("CR", "DX")
+    # Extra C-FIND keys, e.g. {BodyPartExamined = "CHEST"} (see PULL_EXTRA_KEYS).
+    match: dict[str, str] = field(default_factory=dict)
+    timeout_s: float = 60.0
+    tls: bool = False
+    tls_ca_file: str = ""
+    tls_cert_file: str = ""
+    tls_key_file: str = ""
+    tls_check_hostname: bool = True
+
+    def __post_init__(self) -> None:
+        key = "pull.sources"
+        _check(bool(self.name) and len(self.name) <= 64 and self.name.isprintable()
+               and " " not in self.name, f"{key}.name",
+               "is required: 1-64 printable characters, no spaces (it names the source in "
+               "status, metrics and `triage pull --source`)")
+        _check(bool(self.ae_title), f"{key}.ae_title", "is required (the PACS's AE title)")
+        _check_ae(self.ae_title, f"{key}.ae_title")
+        _check(bool(self.host), f"{key}.host", "is required")
+        _check_destination_host(self.host, f"{key}.host")
+        _check_port(self.port, f"{key}.port")
+        _check(self.every_s >= 1, f"{key}.every_s", "must be >= 1 second")
+        _check(1 <= self.lookback_days <= 365, f"{key}.lookback_days", "must be 1..365")
+        _check(self.retrieve in RETRIEVE_MODES, f"{key}.retrieve",
+               f"{self.retrieve!r} is not one of {', '.join(RETRIEVE_MODES)}"
+               + _suggest(self.retrieve, RETRIEVE_MODES))
+        _check(bool(self.modalities) and all(
+            m.isascii() and m.isalnum() and m.isupper() and len(m) <= 16 for m in self.modalities),
+            f"{key}.modalities", "list the modalities to pull, e.g. [\"CR\", \"DX\"]")
+        for k, v in self.match.items():
+            _check(k in PULL_EXTRA_KEYS, f"{key}.match.{k}",
+                   f"not a key triage sends; one of {', '.join(PULL_EXTRA_KEYS)}"
+                   + _suggest(k, PULL_EXTRA_KEYS))
+            _check(isinstance(v, str) and v.isprintable() and "\\" not in v and len(v) <= 64,
+                   f"{key}.match.{k}", "must be a string of at most 64 printable characters")
+        _check(self.timeout_s > 0, f"{key}.timeout_s", "must be > 0")
+        _check(bool(self.tls_cert_file) == bool(self.tls_key_file), f"{key}.tls_cert_file",
+               "tls_cert_file and tls_key_file must be set together")
+        _check(self.tls or not (self.tls_ca_file or self.tls_cert_file), f"{key}.tls",
+               "TLS files are set but tls = false; set tls = true to use them")
+
+
+@dataclass(frozen=True)
+class PullConfig:
+    """Pull mode: the PACSs triage polls for today's radiographs."""
+
+    sources: tuple[PullSourceConfig, ...] = ()
+    retry_initial_s: float = 30.0
+    retry_max_s: float = 900.0
+
+    def __post_init__(self) -> None:
+        names = [s.name for s in self.sources]
+        _check(len(set(names)) == len(names), "pull.sources", "two sources have the same name")
+        _check(self.retry_initial_s > 0, "pull.retry_initial_s", "must be > 0")
+        _check(self.retry_max_s >= self.retry_initial_s, "pull.retry_max_s",
+               "must be >= pull.retry_initial_s")
+
+    def source(self, name: str) -> PullSourceConfig:
+        """Return the source called ``name``. Raises ConfigError (with a suggestion) if none."""
+        for s in self.sources:
+            if s.name == name:
+                return s
+        raise ConfigError(f"no pull source {name!r} in pull.sources"
+                          + _suggest(name, [s.name for s in self.sources]))
 
 
 @dataclass(frozen=True)
@@ -741,6 +838,7 @@ class Config:
     replay: ReplayConfig = field(default_factory=ReplayConfig)
     results: ResultsConfig = field(default_factory=ResultsConfig)
     guard: GuardConfig = field(default_factory=GuardConfig)
+    pull: PullConfig = field(default_factory=PullConfig)
 
     @property
     def database_url(self) -> str:

@@ -128,7 +128,7 @@ def test_backup_under_load_restores_every_acknowledged_instance_and_result(
         assert run.returncode == 0, run.stderr
         n = len(stream.acked)
         wait_for(lambda: len(stream.acked) >= n + 2, timeout=120)  # the daemon kept receiving
-    assert "backed up the database (revision 0013)" in run.stdout
+    assert "backed up the database (revision 0014)" in run.stdout
     manifest = json.loads((dest / "manifest.json").read_text())
     assert manifest["missing"] == []
     assert {rel.split("/")[0] for rel in manifest["files"]} == {"spool", "heatmaps", "outbox"}
@@ -174,7 +174,7 @@ def test_restore_refuses_a_used_directory_and_a_damaged_backup(
     manifest_path = dest / "manifest.json"
     original = manifest_path.read_text()
     manifest_path.chmod(0o600)
-    manifest_path.write_text(original.replace('"revision": "0013"', '"revision": "0099"'))
+    manifest_path.write_text(original.replace('"revision": "0014"', '"revision": "0099"'))
     run = cli("restore", "--data-dir", str(tmp_path / "newer"), str(dest))
     assert run.returncode == 2 and "revision '0099'" in run.stderr, run.stderr
     assert "restore it with the triage that took it" in run.stderr

@@ -13,7 +13,7 @@ from sqlalchemy import text
 from triage.store import database as dbm
 from triage.store import schema as db
 
-HEAD = "0013"
+HEAD = "0014"
 
 
 @pytest.fixture(params=["sqlite", "postgresql"])

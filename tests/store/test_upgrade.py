@@ -28,10 +28,10 @@ from tests.peers import StoreScp
 from triage.service.daemon import Daemon
 from triage.store import database as dbm
 
-# The last commit of main before revision 0013 (few-shot prototypes) was merged: the
-# database it writes is at revision 0012. The release tag, once there is one, can replace it.
-PREVIOUS = "002c95b6b00c24460f49b26b80d30353197fc120"
-PREVIOUS_REVISION, HEAD = "0012", "0013"
+# The last commit of main before revision 0014 (pull mode) was merged: the database it
+# writes is at revision 0013. The release tag, once there is one, can replace it.
+PREVIOUS = "9f0c67796a26651bb95bb6d5e7413f0d060a6891"
+PREVIOUS_REVISION, HEAD = "0013", "0014"
 SMALL = synth.SynthSpec(rows=96, columns=96, accession_number="ACC-OLD")
 
 

@@ -15,6 +15,7 @@ from typing import Any
 
 from dicom_io.scp import ScpSettings, StoreScp
 from dicom_io.spool import Spool
+from dicom_io.store_status import Refusal
 from triage.config import Config
 from triage.core.errors import TriageError
 from triage.inference import selftest
@@ -26,15 +27,17 @@ from triage.service.explain import Explainer
 from triage.service.health import CONTENT_TYPE as METRICS_CONTENT_TYPE
 from triage.service.health import CountingRecorder, Metrics, health
 from triage.service.jobs import Jobs
+from triage.service.pull import Puller
 from triage.service.sender import OutboxSender
 from triage.service.worker import ScoringWorker
-from triage.store.database import open_db
+from triage.store.database import open_db, unavailable
 from triage.store.leases import LeaderLease, node_id, release_all
 from triage.store.repository import Store
 from triage.web.app import Ops, build_app
 from triage.web.pages import ModelInfo, Pages
 from triage.web.security import check_exposure
 from triage.web.server import WebServer
+from triage.web.stow import StowReceiver
 
 log = logging.getLogger(__name__)
 
@@ -59,6 +62,7 @@ class Daemon:
     web: WebServer
     sender: OutboxSender
     jobs: Jobs = field(default_factory=Jobs)
+    puller: Puller | None = None
     lock: DataDirLock | None = None
     metrics: Metrics | None = None
     # With a shared database: this daemon's lease on the leader's jobs (None: the only daemon).
@@ -101,6 +105,8 @@ class Daemon:
             raise
         self.worker.on_result = self._on_result
         self.jobs.start(self._intervals())  # before the worker, so no result misses its render
+        for src in self.cfg.pull.sources:  # the first poll now, not one interval after start
+            self.jobs.soon(f"pull-first:{src.name}", self._leader_only(self._poll(src.name)), 1.0)
         self.sender.start()  # outbox rows left by a previous run are sent first
         self.worker.start()
 
@@ -114,9 +120,37 @@ class Daemon:
                              "database": lambda: db_error is None})
         if db_error is not None:
             detail["database_error"] = db_error
+        if self.cfg.pull.sources:  # a PACS that does not answer is a detail, not a failed probe
+            detail["pull"] = self._pull_detail()
         if self.warnings:  # alive, but not as validated: say so without failing the probe
             detail["warnings"] = list(self.warnings)
         return ok, detail
+
+    def _pull_detail(self) -> dict[str, Any]:
+        from triage.store import pulls
+
+        try:
+            states = pulls.states(self.store)
+        except Exception as e:
+            if not unavailable(e):
+                raise
+            return {}
+        out: dict[str, Any] = {}
+        for src in self.cfg.pull.sources:
+            st = states.get(src.name)
+            out[src.name] = {"polled": st is not None and st.last_poll_at is not None,
+                             "ok": st is not None and st.failures == 0,
+                             "failures_in_a_row": st.failures if st else 0,
+                             "last_ok_at": st.last_ok_at if st else None,
+                             "next_try_at": st.next_try_at if st else None,
+                             "error": st.last_error if st else None}
+        return out
+
+    def _poll(self, name: str) -> Any:
+        def run() -> Any:
+            assert self.puller is not None
+            return self.puller.poll_due(name)
+        return run
 
     def _on_result(self, result_id: int) -> None:
         if self.metrics is not None and result_id:
@@ -150,7 +184,8 @@ class Daemon:
         if self.leader is None:
             return jobs
         lease = self.leader
-        out = {name: (sec, self._leader_only(fn) if name in LEADER_JOBS else fn)
+        out = {name: (sec, self._leader_only(fn)
+                      if name in LEADER_JOBS or name.startswith("pull:") else fn)
                for name, (sec, fn) in jobs.items()}
         out["leader-lease"] = (lease.lease_s / 3, lease.tick)
         out["render-on-change"] = (max(0.5, self.cfg.worklist.render_debounce_s),
@@ -166,6 +201,8 @@ class Daemon:
         }
         if wl.retention_days > 0:
             jobs["purge-reported"] = (wl.purge_interval_s, self.purge)
+        for src in self.cfg.pull.sources:
+            jobs[f"pull:{src.name}"] = (src.every_s, self._poll(src.name))
         return jobs
 
     def _complete(self, quiet: float) -> list[int]:
@@ -220,11 +257,33 @@ def scp_settings(cfg: Config) -> ScpSettings:
         allowed_calling_aes=d.allowed_calling_aes, accept_any_calling_ae=d.accept_any_calling_ae,
         max_associations=d.max_associations, max_pdu=d.max_pdu,
         max_dataset_bytes=d.max_dataset_mb * 2**20, max_pixels=d.max_pixels,
-        peers={ae: tuple(hosts) for ae, hosts in d.peers.items()},
+        peers=_peers(cfg),
         tls_cert=d.tls_cert, tls_key=d.tls_key, tls_ca=d.tls_ca,
         network_timeout_s=d.network_timeout_s, dimse_timeout_s=d.dimse_timeout_s,
         acse_timeout_s=d.acse_timeout_s,
     )
+
+
+def _peers(cfg: Config) -> dict[str, tuple[str, ...]]:
+    """``dicom.peers``, plus each pull source's AE title from its host: a PACS we retrieve from
+    by C-MOVE C-STOREs to us under its own title."""
+    import ipaddress
+    import socket
+
+    peers = {ae: list(hosts) for ae, hosts in cfg.dicom.peers.items()}
+    for src in cfg.pull.sources:
+        try:
+            addrs = [str(ipaddress.ip_address(src.host))]
+        except ValueError:
+            try:
+                addrs = sorted({str(a[4][0]) for a in socket.getaddrinfo(src.host, None)})
+            except OSError as e:
+                log.warning("pull source %s: %s does not resolve (%s); it cannot C-STORE to us "
+                            "until it does and the daemon restarts", src.name, src.host, e)
+                continue
+        hosts = peers.setdefault(src.ae_title, [])
+        hosts += [a for a in addrs if a not in hosts]
+    return {ae: tuple(hosts) for ae, hosts in peers.items()}
 
 
 def build_daemon(cfg: Config) -> Daemon:
@@ -312,9 +371,13 @@ def _wire(cfg: Config, model: OnnxModel, profile: SiteProfile | None, guard: Any
     scp = StoreScp(scp_settings(cfg), spool, CountingRecorder(store, metrics))
     ops = Ops(health=lambda: daemon.health(), metrics=metrics.text,
               metrics_content_type=METRICS_CONTENT_TYPE)
-    app = build_app(pages, st.root, cfg.web, ops)
+    stow = StowReceiver(scp.take, lambda calling, sop_class, sop_uid, status, why: scp.refuse(
+        calling, sop_class, sop_uid, Refusal(status, why)), spool.tmp,
+        cfg.dicom.max_dataset_mb * 2**20)
+    app = build_app(pages, st.root, cfg.web, ops, stow)
     daemon = Daemon(cfg, store, spool, scp, worker, pages, WebServer(cfg.web, app), sender,
-                    lock=lock, metrics=metrics, leader=leader, warnings=warnings)
+                    lock=lock, metrics=metrics, leader=leader, warnings=warnings,
+                    puller=Puller(cfg, store, scp) if cfg.pull.sources else None)
     return daemon
 
 

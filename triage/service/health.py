@@ -16,13 +16,13 @@ from collections.abc import Callable
 from typing import Any
 
 from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
-from prometheus_client.core import GaugeMetricFamily
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.registry import Collector
 from sqlalchemy import func, select
 
 from dicom_io.scp import ReceivedInstance
 from dicom_io.store_status import DB_UNAVAILABLE, Refusal
-from triage.store import outbox
+from triage.store import outbox, pulls
 from triage.store import schema as db
 from triage.store.database import unavailable, why_unavailable
 from triage.store.schema import Alert, Result, Study
@@ -75,6 +75,25 @@ class _StoreCollector(Collector):
         yield box
         yield GaugeMetricFamily("triage_outbox_dead_letters", "Outbox rows in the dead letter",
                                 value=outbox.dead_letter_count(self.store))
+        yield from _pull_figures(self.store)
+
+
+def _pull_figures(store: Any) -> Any:
+    states = pulls.states(store)
+    if not states:
+        return
+    up = GaugeMetricFamily("triage_pull_source_up", "1 when the pull source's last poll "
+                           "succeeded, 0 while it fails (and is retried with backoff)",
+                           labels=["source"])
+    fails = GaugeMetricFamily("triage_pull_failures_in_a_row", "Polls of the source that "
+                              "failed in a row", labels=["source"])
+    got = CounterMetricFamily("triage_pull_retrieved_instances", "Instances retrieved from the "
+                              "source by C-MOVE or C-GET", labels=["source"])
+    for name, st in sorted(states.items()):
+        up.add_metric([name], 1 if st.failures == 0 else 0)
+        fails.add_metric([name], st.failures)
+        got.add_metric([name], st.retrieved_total)
+    yield from (up, fails, got)
 
 
 class Metrics:

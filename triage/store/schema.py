@@ -274,3 +274,31 @@ class Delivery(Base):
     last_error: Mapped[str | None] = mapped_column(Text)
     sent_at: Mapped[float | None] = mapped_column(Float)
     object: Mapped[ResultObject] = relationship(back_populates="deliveries")
+
+
+class PullStudy(Base):
+    """What a pull source last showed of one study, and how much of it was retrieved."""
+
+    __tablename__ = "pull_studies"
+    __table_args__ = (UniqueConstraint("source", "study_uid", name="uq_pull_studies_source_study"),)
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    source: Mapped[str] = mapped_column(String(64), nullable=False)
+    study_uid: Mapped[str] = mapped_column(String(64), nullable=False)
+    # NumberOfStudyRelatedInstances at the last poll (None: the PACS did not say).
+    remote_instances: Mapped[int | None] = mapped_column(Integer)
+    retrieved: Mapped[int] = mapped_column(Integer, nullable=False)
+    first_seen_at: Mapped[float] = mapped_column(Float, nullable=False)
+    retrieved_at: Mapped[float | None] = mapped_column(Float)
+
+
+class PullSource(Base):
+    """One pull source's last poll: when, whether it answered, and why not."""
+
+    __tablename__ = "pull_sources"
+    name: Mapped[str] = mapped_column(String(64), primary_key=True)
+    last_poll_at: Mapped[float | None] = mapped_column(Float)
+    last_ok_at: Mapped[float | None] = mapped_column(Float)
+    failures: Mapped[int] = mapped_column(Integer, nullable=False)  # in a row
+    last_error: Mapped[str | None] = mapped_column(Text)
+    next_try_at: Mapped[float | None] = mapped_column(Float)
+    retrieved_total: Mapped[int] = mapped_column(Integer, nullable=False)

@@ -57,9 +57,12 @@ class Ops:
     metrics_content_type: str = "text/plain; version=0.0.4; charset=utf-8"
 
 
-def build_app(pages: Any, data_root: Path, web: WebConfig, ops: Ops | None = None) -> Starlette:
+def build_app(pages: Any, data_root: Path, web: WebConfig, ops: Ops | None = None,
+              stow: Callable[[Request], Any] | None = None) -> Starlette:
     """Return the Starlette app serving ``pages`` and the overlays under ``data_root``, and,
-    with ``ops``, ``/healthz`` (200 or 503, JSON) and ``/metrics`` (Prometheus text)."""
+    with ``ops``, ``/healthz`` (200 or 503, JSON) and ``/metrics`` (Prometheus text); with
+    ``stow`` (a :class:`~triage.web.stow.StowReceiver`), DICOMweb STOW-RS at
+    ``/dicomweb/studies``."""
     heatmaps = data_root / "heatmaps"
     no_store = {"Cache-Control": "no-store"}
 
@@ -142,6 +145,13 @@ def build_app(pages: Any, data_root: Path, web: WebConfig, ops: Ops | None = Non
     ]
     if ops is not None:
         routes += [Route("/healthz", healthz), Route("/metrics", metrics)]
+    if stow is not None:
+        async def store(request: Request) -> Response:
+            assert stow is not None
+            return await stow(request)  # type: ignore[no-any-return]
+
+        routes += [Route("/dicomweb/studies", store, methods=["POST"]),
+                   Route("/dicomweb/studies/{study_uid}", store, methods=["POST"])]
     middleware = [Middleware(SecurityHeaders, csp_hashes=pages.csp_hashes),
                   Middleware(AuthMiddleware, web=web,
                              sessions=Sessions(web.session_minutes * 60.0))]

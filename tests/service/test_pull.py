@@ -1,0 +1,147 @@
+"""Pull mode against a real PACS: Orthanc holds studies nobody sends to triage; triage finds
+them by C-FIND and retrieves them by C-MOVE (to its own listener) or C-GET, decides each once,
+and later polls retrieve nothing twice."""
+
+from __future__ import annotations
+
+import datetime as _dt
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+from pydicom import dcmread
+from pydicom.uid import generate_uid
+from sqlalchemy import func, select
+
+from tests import synth
+from tests.conftest import free_port, wait_for
+from tests.peers import Orthanc
+from triage.service.daemon import Daemon
+from triage.store import pulls
+from triage.store.schema import Instance, Result, Study
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture
+def orthanc(tmp_path: Path) -> Iterator[Orthanc]:
+    """Orthanc with DICOMweb, on free ports."""
+    peer = Orthanc(tmp_path / "orthanc", dicomweb=True).start()
+    yield peer
+    peer.stop()
+
+
+def pull_source(orthanc: Orthanc, retrieve: str, **kw: Any) -> dict[str, Any]:
+    """Config overrides: Orthanc as the only pull source, polled every second."""
+    return {"pull.sources": [{"name": "pacs", "ae_title": orthanc.ae_title, "host": "127.0.0.1",
+                              "port": orthanc.dicom_port, "every_s": 1, "retrieve": retrieve,
+                              "timeout_s": 20, **kw}],
+            "pull.retry_initial_s": 0.5, "pull.retry_max_s": 2.0}
+
+
+def today_study(out: Path, images: int, spec: synth.SynthSpec,
+                study_uid: str | None = None) -> list[Path]:
+    """Write one series of ``images`` instances dated now (inside any lookback)."""
+    study_uid, series_uid = study_uid or generate_uid(), generate_uid()
+    now = _dt.datetime.now()
+    return [synth.write(synth.make_dataset(spec, study_uid=study_uid, series_uid=series_uid,
+                                           when=now), out / f"{generate_uid()}.dcm")
+            for _ in range(images)]
+
+
+def studies_in_orthanc(orthanc: Orthanc, tmp: Path, n: int, images: int = 1) -> list[list[Path]]:
+    """Upload ``n`` one-series studies of today into Orthanc; return their files."""
+    out = []
+    for i in range(n):
+        spec = synth.SynthSpec(rows=128, columns=128, patient_id=f"PULL-{i}",
+                               accession_number=f"ACC-PULL{i}", seed=i)
+        paths = today_study(tmp / f"study{i}", images, spec)
+        orthanc.upload(paths)
+        out.append(paths)
+    return out
+
+
+def decided(d: Daemon) -> int:
+    """How many studies have a recorded result."""
+    with d.store.read() as s:
+        return int(s.scalar(select(func.count(func.distinct(Result.study_id)))) or 0)
+
+
+def received_outcomes(d: Daemon) -> dict[str, float]:
+    """triage_instances_received_total by outcome, from /metrics."""
+    assert d.metrics is not None
+    out: dict[str, float] = {}
+    for line in d.metrics.text().decode().splitlines():
+        if line.startswith("triage_instances_received_total{"):
+            outcome = line.split('outcome="', 1)[1].split('"', 1)[0]
+            out[outcome] = float(line.rsplit(" ", 1)[1])
+    return out
+
+
+def polls_after(d: Daemon, since: float) -> bool:
+    st = pulls.states(d.store).get("pacs")
+    return st is not None and st.last_poll_at is not None and st.last_poll_at > since
+
+
+@pytest.mark.parametrize("retrieve", ["c-move", "c-get"])
+def test_studies_only_in_the_pacs_are_pulled_decided_once_and_never_again(
+        daemon_factory: Callable[..., Daemon], orthanc: Orthanc, tmp_path: Path,
+        retrieve: str) -> None:
+    files = studies_in_orthanc(orthanc, tmp_path, 3, images=2)
+    port = free_port()
+    orthanc.add_modality("triage", "TRIAGE", port)  # C-MOVE's destination; and who may query
+    d = daemon_factory(**{"dicom.port": port, **pull_source(orthanc, retrieve)})
+    wait_for(lambda: decided(d) == 3, timeout=120)
+    with d.store.read() as s:
+        held = {u: ae for u, ae in s.execute(select(Instance.sop_instance_uid, Instance.calling_ae))}
+        uids = set(s.scalars(select(Study.study_uid)))
+    want = {str(dcmread(p).SOPInstanceUID) for study in files for p in study}
+    assert set(held) == want and set(held.values()) == {"ORTHANC"}
+    assert uids == {str(dcmread(study[0]).StudyInstanceUID) for study in files}
+    # A fourth study appears later, and one more image in the first: only those are pulled.
+    [late] = studies_in_orthanc(orthanc, tmp_path / "late", 1)
+    first = dcmread(files[0][0])
+    extra = today_study(tmp_path / "extra", 1, synth.SynthSpec(
+        rows=128, columns=128, patient_id=str(first.PatientID),
+        accession_number=str(first.AccessionNumber)), study_uid=str(first.StudyInstanceUID))
+    orthanc.upload(extra)
+    wait_for(lambda: decided(d) == 4, timeout=120)
+    wait_for(lambda: {str(dcmread(p).SOPInstanceUID) for p in late + extra} <= set(
+        pulls.held(d.store, [str(dcmread(p).SOPInstanceUID) for p in late + extra])), timeout=60)
+    for _ in range(3):
+        mark = d.store.clock()
+        wait_for(lambda mark=mark: polls_after(d, mark), timeout=30)
+    outcomes = received_outcomes(d)
+    assert outcomes.get("stored") == len(want) + 2 and not outcomes.get("duplicate"), outcomes
+    st = pulls.states(d.store)["pacs"]
+    assert st.failures == 0 and st.retrieved_total == len(want) + 2
+    ok, detail = d.health()
+    assert ok and detail["pull"]["pacs"]["ok"] is True
+
+
+def test_a_pacs_that_is_down_backs_off_shows_in_health_and_recovers(
+        daemon_factory: Callable[..., Daemon], tmp_path: Path) -> None:
+    orthanc = Orthanc(tmp_path / "orthanc")  # not started yet: nothing listens on its port
+    port = free_port()
+    d = daemon_factory(**{"dicom.port": port, **pull_source(orthanc, "c-move")})
+    wait_for(lambda: (pulls.states(d.store).get("pacs") or pulls.SourceState(
+        "", None, None, 0, None, None, 0)).failures >= 2, timeout=60)
+    ok, detail = d.health()
+    assert ok, "a PACS that is down must not fail the daemon's probe"
+    pacs = detail["pull"]["pacs"]
+    assert pacs["ok"] is False and "association" in pacs["error"]
+    assert pacs["next_try_at"] is not None
+    assert d.metrics is not None
+    text = d.metrics.text().decode()
+    assert 'triage_pull_source_up{source="pacs"} 0.0' in text
+    orthanc.start()
+    try:
+        files = studies_in_orthanc(orthanc, tmp_path, 1)
+        orthanc.add_modality("triage", "TRIAGE", port)
+        wait_for(lambda: decided(d) == 1, timeout=120)
+        assert set(pulls.held(d.store, [str(dcmread(files[0][0]).SOPInstanceUID)]))
+        wait_for(lambda: pulls.states(d.store)["pacs"].failures == 0, timeout=30)
+        assert 'triage_pull_source_up{source="pacs"} 1.0' in d.metrics.text().decode()
+    finally:
+        orthanc.stop()
