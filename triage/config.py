@@ -603,6 +603,9 @@ class DestinationConfig:
     def _check_dicomweb(self) -> None:
         self._check_http("the server's DICOMweb root, e.g. https://pacs/dicom-web")
         self._check_send()
+        _check(self.tls_check_hostname, "results.destinations.tls_check_hostname",
+               "cannot be turned off for kind = \"dicomweb\" (give the name the certificate "
+               "bears in url, or its CA in tls_ca_file)")
 
     def _check_send(self) -> None:
         key = "results.destinations"

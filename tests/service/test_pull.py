@@ -84,31 +84,49 @@ def polls_after(d: Daemon, since: float) -> bool:
     return st is not None and st.last_poll_at is not None and st.last_poll_at > since
 
 
+def sr_studies_in_orthanc(orthanc: Orthanc) -> set[str]:
+    """The StudyInstanceUIDs of the studies that hold an SR in Orthanc."""
+    out = set()
+    for sid in orthanc.get("/studies"):
+        series = orthanc.get(f"/studies/{sid}/series")
+        if any(s["MainDicomTags"].get("Modality") == "SR" for s in series):
+            out.add(orthanc.get(f"/studies/{sid}")["MainDicomTags"]["StudyInstanceUID"])
+    return out
+
+
 @pytest.mark.parametrize("retrieve", ["c-move", "c-get"])
 def test_studies_only_in_the_pacs_are_pulled_decided_once_and_never_again(
         daemon_factory: Callable[..., Daemon], orthanc: Orthanc, tmp_path: Path,
         retrieve: str) -> None:
-    files = studies_in_orthanc(orthanc, tmp_path, 3, images=2)
+    files = studies_in_orthanc(orthanc, tmp_path, 5, images=2)
     port = free_port()
     orthanc.add_modality("triage", "TRIAGE", port)  # C-MOVE's destination; and who may query
-    d = daemon_factory(**{"dicom.port": port, **pull_source(orthanc, retrieve)})
-    wait_for(lambda: decided(d) == 3, timeout=120)
+    # The SRs go back to the same PACS over DICOMweb: its studies grow by instances of
+    # another modality, which later polls must see and leave alone.
+    web_dest = {"results.destinations": [{"kind": "dicomweb", "url": f"{orthanc.url}/dicom-web",
+                                          "send": ["sr"]}],
+                "results.retry_initial_s": 0.2, "results.retry_max_s": 1.0,
+                "results.poll_interval_s": 0.2}
+    d = daemon_factory(**{"dicom.port": port, **pull_source(orthanc, retrieve), **web_dest})
+    wait_for(lambda: decided(d) == 5, timeout=180)
     with d.store.read() as s:
         held = {u: ae for u, ae in s.execute(select(Instance.sop_instance_uid, Instance.calling_ae))}
         uids = set(s.scalars(select(Study.study_uid)))
     want = {str(dcmread(p).SOPInstanceUID) for study in files for p in study}
     assert set(held) == want and set(held.values()) == {"ORTHANC"}
     assert uids == {str(dcmread(study[0]).StudyInstanceUID) for study in files}
-    # A fourth study appears later, and one more image in the first: only those are pulled.
+    # A sixth study appears later, and one more image in the first: only those are pulled.
     [late] = studies_in_orthanc(orthanc, tmp_path / "late", 1)
     first = dcmread(files[0][0])
     extra = today_study(tmp_path / "extra", 1, synth.SynthSpec(
         rows=128, columns=128, patient_id=str(first.PatientID),
         accession_number=str(first.AccessionNumber)), study_uid=str(first.StudyInstanceUID))
     orthanc.upload(extra)
-    wait_for(lambda: decided(d) == 4, timeout=120)
-    wait_for(lambda: {str(dcmread(p).SOPInstanceUID) for p in late + extra} <= set(
-        pulls.held(d.store, [str(dcmread(p).SOPInstanceUID) for p in late + extra])), timeout=60)
+    news = [str(dcmread(p).SOPInstanceUID) for p in late + extra]
+    wait_for(lambda: decided(d) == 6 and set(news) <= pulls.held(d.store, news), timeout=120)
+    # Every scored study's SR (of its last result version) is in Orthanc, sent by STOW-RS.
+    wait_for(lambda: sr_studies_in_orthanc(orthanc) == uids | {str(dcmread(late[0]).StudyInstanceUID)},
+             timeout=120)
     for _ in range(3):
         mark = d.store.clock()
         wait_for(lambda mark=mark: polls_after(d, mark), timeout=30)

@@ -218,3 +218,33 @@ def test_orthanc_pushes_a_study_to_triage_over_stow_rs(
     orthanc.call("POST", "/dicom-web/servers/triage/stow", {"Resources": [sid]})
     assert held(d) == {str(dcmread(p).SOPInstanceUID) for p in paths}
     wait_for(lambda: decided(d) == 1, timeout=120)
+
+
+def test_stow_rs_send_dead_letters_a_refusal_and_retries_a_server_that_is_away(
+        daemon_factory: Callable[..., Daemon], tmp_path: Path) -> None:
+    from tests.service.test_outbox import deliveries
+
+    # The receiver is another triage: it stores radiographs only, so it refuses an SR with
+    # FailureReason 0x0122 (SOP class not supported) in a 409.
+    receiver = daemon_factory(tmp_path / "receiver", **{"web.token": TOKEN})
+    away = free_port()  # nothing listens there
+    dests = [{"kind": "dicomweb", "url": f"http://127.0.0.1:{receiver.web_port}/dicomweb",
+              "bearer_token": TOKEN, "send": ["sr"], "name": "refuses"},
+             {"kind": "dicomweb", "url": f"http://127.0.0.1:{away}/dicomweb", "send": ["sr"],
+              "name": "away"}]
+    d = daemon_factory(tmp_path / "sender", **{
+        "results.destinations": dests, "results.retry_initial_s": 0.2,
+        "results.retry_max_s": 0.5, "results.poll_interval_s": 0.2, "results.max_attempts": 50})
+    from tests.conftest import send
+
+    assert send(d.dicom_port, study(1, 11)) == [0]
+
+    def states() -> dict[str, tuple[str, int, int | None]]:
+        return {dl.destination: (dl.state, dl.attempts, dl.last_status)
+                for dl, _ in deliveries(d)}
+
+    wait_for(lambda: states().get("refuses", ("",))[0] == "dead"
+             and states().get("away", ("", 0))[1] >= 3, timeout=120)
+    st = states()
+    assert st["refuses"] == ("dead", 1, 0x0122)  # refused once, not retried
+    assert st["away"][0] == "pending" and st["away"][2] is None

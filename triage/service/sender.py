@@ -43,6 +43,7 @@ from triage.config import DestinationConfig, ResultsConfig
 from triage.core.errors import TriageError
 from triage.core.retry import backoff_s
 from triage.service import result_dicom
+from triage.service.stow_client import TRANSIENT, StowAnswer, stow
 from triage.service.result_messages import MessageSender
 from triage.store import outbox
 from triage.store.database import OUTAGE_BACKOFF_MAX_S, unavailable, why_unavailable
@@ -152,7 +153,8 @@ class OutboxSender:
                 log.warning("%d outbox item(s) for %s, which is no longer configured, moved to "
                             "the dead letter", len(items), label)
                 continue
-            send = self._send if dest.kind == "dicom" else self.messages.send
+            send = {"dicom": self._send, "dicomweb": self._send_web}.get(dest.kind,
+                                                                         self.messages.send)
             tried += send(dest, items[:self.cfg.batch_size])
         return tried
 
@@ -196,6 +198,46 @@ class OutboxSender:
             log.warning("results to %s: %s; %d object(s) wait for a retry", dest.label,
                         scrub(str(e)), len(ready))
         return len(items)
+
+    def _send_web(self, dest: DestinationConfig, items: list[outbox.Due]) -> int:
+        """STOW-RS the items' objects to ``dest`` in one request; record each instance's answer."""
+        from pydicom import dcmread
+
+        ready: list[tuple[outbox.Due, Any]] = []
+        for item in items:
+            try:
+                ready.append((item, dcmread(self._file(item))))
+            except (TriageError, ValueError, OSError) as e:
+                outbox.begin_attempt(self.store, [item.delivery_id], self.clock(), self._wait_s)
+                self._failed([item], f"cannot build the {item.kind}: {e}", None)
+        if not ready:
+            return len(items)
+        outbox.begin_attempt(self.store, [i.delivery_id for i, _ in ready], self.clock(),
+                             self._wait_s)
+        answer = stow(dest, [ds for _, ds in ready], self.cfg.timeout_s)
+        for item, _ in ready:
+            self._stowed(dest, item, answer)
+        return len(items)
+
+    def _stowed(self, dest: DestinationConfig, item: outbox.Due, answer: StowAnswer) -> None:
+        reason = answer.failed.get(item.sop_instance_uid)
+        if answer.state == "sent" and reason is None:
+            outbox.record_sent(self.store, item.delivery_id, 0, self.clock())
+            log.info("sent %s %s to %s (HTTP %s)", item.kind, uid_hash(item.sop_instance_uid),
+                     dest.label, answer.http)
+            return
+        why = (f"{dest.label} answered HTTP {answer.http}" if answer.http else
+               f"{dest.label}: {answer.error}")
+        if reason is not None:
+            why += f", FailureReason 0x{reason:04X}"
+        refused = answer.state == "refused" and (reason is None or reason not in TRANSIENT)
+        if refused:
+            outbox.kill(self.store, [item.delivery_id], scrub(why), reason)
+            log.error("%s %s refused by %s (%s); moved to the dead letter (`triage outbox "
+                      "retry` queues it again)", item.kind, uid_hash(item.sop_instance_uid),
+                      dest.label, f"HTTP {answer.http}")
+            return
+        self._failed([item], why, reason)
 
     def _replied(self, dest: DestinationConfig, by_path: dict[Path, outbox.Due], f: Outgoing,
                  status: int) -> None:
