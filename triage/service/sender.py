@@ -43,8 +43,8 @@ from triage.config import DestinationConfig, ResultsConfig
 from triage.core.errors import TriageError
 from triage.core.retry import backoff_s
 from triage.service import result_dicom
-from triage.service.stow_client import TRANSIENT, StowAnswer, stow
 from triage.service.result_messages import MessageSender
+from triage.service.stow_client import TRANSIENT, StowAnswer, stow
 from triage.store import outbox
 from triage.store.database import OUTAGE_BACKOFF_MAX_S, unavailable, why_unavailable
 
