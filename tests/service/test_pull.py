@@ -163,3 +163,51 @@ def test_a_pacs_that_is_down_backs_off_shows_in_health_and_recovers(
         assert 'triage_pull_source_up{source="pacs"} 1.0' in d.metrics.text().decode()
     finally:
         orthanc.stop()
+
+
+def test_triage_pull_backfills_older_studies_and_its_dry_run_retrieves_nothing(
+        orthanc: Orthanc, tmp_path: Path) -> None:
+    import subprocess
+    import sys
+
+    from tests.conftest import serve_config
+
+    spec = synth.SynthSpec(rows=128, columns=128, patient_id="OLD-1", accession_number="ACC-OLD")
+    old = [synth.write(synth.make_dataset(spec, study_uid=uid, series_uid=generate_uid(),
+                                          when=_dt.datetime.now() - _dt.timedelta(days=5)),
+                       tmp_path / f"old{i}.dcm")
+           for i, uid in enumerate([generate_uid()] * 2)]
+    orthanc.upload(old)
+    orthanc.add_modality("triage", "TRIAGE", free_port())  # Orthanc answers known nodes only
+    data = tmp_path / "var"
+    cfg = serve_config(tmp_path / "c.toml", data, free_port(), (
+        f'[[pull.sources]]\nname = "pacs"\nae_title = "ORTHANC"\nhost = "127.0.0.1"\n'
+        f'port = {orthanc.dicom_port}\nretrieve = "c-get"\n'))
+
+    def pull(*flags: str) -> subprocess.CompletedProcess[str]:
+        return subprocess.run([sys.executable, "-m", "triage", "pull", "--config", str(cfg),
+                               "--source", "pacs", *flags], capture_output=True, text=True,
+                              timeout=120)
+
+    r = pull("--dry-run")  # the default lookback (1 day) does not reach 5 days back
+    assert r.returncode == 0, r.stderr
+    assert "0 studies in the last 1 day(s); would retrieve 0 instance(s)" in r.stdout
+    r = pull("--since", "7d", "--dry-run")
+    assert "1 study in the last 7 day(s); would retrieve 2 instance(s) of 1" in r.stdout, r.stdout
+    r = pull("--since", "7d")
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert "retrieved 2 instance(s) of 1" in r.stdout
+    import sqlite3
+
+    with sqlite3.connect(data / "triage.sqlite") as c:
+        got = {u for (u,) in c.execute("SELECT sop_instance_uid FROM instances")}
+    assert got == {str(dcmread(p).SOPInstanceUID) for p in old}
+    r = pull("--since", "7d")  # again: nothing new
+    assert r.returncode == 0 and "retrieved 0 instance(s) of 0" in r.stdout, r.stdout
+    r = subprocess.run([sys.executable, "-m", "triage", "status", "--config", str(cfg)],
+                       capture_output=True, text=True, timeout=60)
+    assert "pull sources:\n  pacs: ok, last poll" in r.stdout, r.stdout
+    assert "2 instance(s) retrieved in all" in r.stdout
+    r = subprocess.run([sys.executable, "-m", "triage", "pull", "--config", str(cfg), "--source",
+                        "pcas"], capture_output=True, text=True, timeout=60)
+    assert r.returncode != 0 and "did you mean 'pacs'" in r.stderr

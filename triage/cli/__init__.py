@@ -16,12 +16,24 @@ import sys
 from collections.abc import Sequence
 
 from triage import __version__
-from triage.cli import adapt, backup, bench, model, outbox, replay, score, selftest, serve, site
+from triage.cli import (
+    adapt,
+    backup,
+    bench,
+    model,
+    outbox,
+    pull,
+    replay,
+    score,
+    selftest,
+    serve,
+    site,
+)
 from triage.cli.common import setup_logging
 from triage.core.errors import TriageError
 
 # Subcommands, in the order --help lists them.
-MODULES = (serve, outbox, backup, score, selftest, adapt, replay, site, model, bench)
+MODULES = (serve, outbox, pull, backup, score, selftest, adapt, replay, site, model, bench)
 
 
 def build_parser() -> argparse.ArgumentParser:

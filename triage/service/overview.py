@@ -39,6 +39,7 @@ def gather(cfg: Config) -> dict[str, Any]:
             rejected = s.scalar(select(func.count()).select_from(Rejection)
                                 .where(Rejection.at >= day_ago)) or 0
         sends = outbox.totals(store)
+        pulled = _pull_states(store)
         revision = current_revision(engine)
         leader = leader_holder(store) if cfg.database.shared else None
     finally:
@@ -65,10 +66,39 @@ def gather(cfg: Config) -> dict[str, Any]:
         "outbox": {**{state: sum(d[state] for d in sends.values()) for state in db.OUTBOX_STATES},
                    "destinations": sends,
                    "configured": [d.label for d in cfg.results.destinations]},
+        "pull": {src.name: pulled.get(src.name) for src in cfg.pull.sources},
         "model": _model(cfg),
         "thresholds": {"configured_site_profile": cfg.model.site_profile or None,
                        "last_result": last_source},
     }
+
+
+def _pull_states(store: Store) -> dict[str, dict[str, Any]]:
+    """Each pull source's last poll as recorded (empty before revision 0014 is applied)."""
+    import dataclasses
+
+    from sqlalchemy.exc import OperationalError, ProgrammingError
+
+    from triage.store import pulls
+
+    try:
+        return {name: dataclasses.asdict(st) for name, st in pulls.states(store).items()}
+    except (OperationalError, ProgrammingError):
+        return {}
+
+
+def _pull_line(name: str, st: dict[str, Any] | None) -> str:
+    def when(t: float | None) -> str:
+        return "never" if t is None else time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(t))
+
+    if st is None:
+        return f"  {name}: not polled yet"
+    if st["failures"]:
+        return (f"  {name}: FAILING ({st['failures']} poll(s) in a row; next try "
+                f"{when(st['next_try_at'])}): {st['last_error']}; last success "
+                f"{when(st['last_ok_at'])}")
+    return (f"  {name}: ok, last poll {when(st['last_poll_at'])}, {st['retrieved_total']} "
+            "instance(s) retrieved in all")
 
 
 def _model(cfg: Config) -> dict[str, Any]:
@@ -105,6 +135,9 @@ def render(st: dict[str, Any]) -> str:
     lines.append("last drift check: never" if d is None else
                  f"last drift check: {d['at']} {'ALERT' if d['alert'] else 'ok'}: {d['summary']}")
     lines.append(_outbox_line(st["outbox"]))
+    if st["pull"]:
+        lines.append("pull sources:")
+        lines += [_pull_line(name, p) for name, p in st["pull"].items()]
     m = st["model"]
     lines.append(f"model: {m.get('name')} sha256 {str(m.get('sha256'))[:12]} ({m['path']})")
     t = st["thresholds"]
