@@ -5,7 +5,8 @@ queries supports. A query is a short association of its own; a retrieve is
 another, so a slow retrieve never holds a query open. C-MOVE asks the PACS to
 C-STORE to a named AE (our own listener); C-GET has the PACS C-STORE back over
 the same association, to a handler the caller gives, so no inbound connection
-or routing entry is needed at the PACS.
+or routing entry is needed at the PACS. A poll's queries and retrieves share one
+association (:class:`Connection`).
 """
 
 from __future__ import annotations
@@ -90,37 +91,119 @@ def _int(ds: Dataset, keyword: str) -> int | None:
         return None
 
 
-def _associate(peer: Peer, ae: AE, **kw: Any) -> Any:
-    ae.acse_timeout = ae.dimse_timeout = ae.network_timeout = peer.timeout_s
-    tls_args = (peer.tls.context, peer.tls.server_hostname) if peer.tls is not None else None
-    assoc = ae.associate(peer.host, peer.port, ae_title=peer.called_ae, tls_args=tls_args, **kw)
-    if not assoc.is_established:
-        why = "rejected" if assoc.is_rejected else "aborted" if assoc.is_aborted else "not established"
-        raise QueryError(f"association with {peer.called_ae}@{peer.host}:{peer.port} {why}")
-    return assoc
+class Connection:
+    """One association with a PACS for a whole poll: C-FIND, and C-MOVE or C-GET, on it.
 
-
-def find(peer: Peer, query: Dataset) -> list[Dataset]:
-    """Run one Study Root C-FIND; return the matches (the pending responses' identifiers).
-
-    Raises QueryError when the association fails or the PACS ends with a failure status.
+    ``with Connection(peer, "c-get", storage, on_store) as c:`` proposes the Study Root
+    FIND context, the MOVE or GET context, and for C-GET each storage SOP class in
+    ``storage`` (with its transfer syntaxes) in the SCP role (PS3.7 D.3.3.4), the PACS's
+    C-STOREs going to ``on_store`` (a pynetdicom EVT_C_STORE handler returning the status).
+    One association instead of one per request: the set-up costs about as much as a query.
+    Raises QueryError when the association is not established.
     """
-    ae = AE(ae_title=peer.calling_ae)
-    ae.add_requested_context(FIND)
-    assoc = _associate(peer, ae)
-    out: list[Dataset] = []
-    try:
-        for status, ident in assoc.send_c_find(query, FIND):
+
+    def __init__(self, peer: Peer, retrieve: str | None = None,
+                 storage: Mapping[str, Sequence[str]] | None = None,
+                 on_store: Callable[[Any], int] | None = None) -> None:
+        self.peer, self.retrieve = peer, retrieve
+        self.storage, self.on_store = dict(storage or {}), on_store
+        self.assoc: Any = None
+
+    def __enter__(self) -> Connection:
+        peer = self.peer
+        ae = AE(ae_title=peer.calling_ae)
+        ae.acse_timeout = ae.dimse_timeout = ae.network_timeout = peer.timeout_s
+        ae.add_requested_context(FIND)
+        kw: dict[str, Any] = {}
+        if self.retrieve == "c-move":
+            ae.add_requested_context(MOVE)
+        elif self.retrieve == "c-get":
+            ae.add_requested_context(GET)
+            for sop_class, syntaxes in self.storage.items():
+                ae.add_requested_context(sop_class, list(syntaxes))
+            kw = {"ext_neg": [build_role(c, scp_role=True) for c in self.storage],
+                  "evt_handlers": [(evt.EVT_C_STORE, self.on_store)]}
+        tls_args = (peer.tls.context, peer.tls.server_hostname) if peer.tls is not None else None
+        self.assoc = ae.associate(peer.host, peer.port, ae_title=peer.called_ae,
+                                  tls_args=tls_args, **kw)
+        if not self.assoc.is_established:
+            a = self.assoc
+            why = "rejected" if a.is_rejected else "aborted" if a.is_aborted else "not established"
+            raise QueryError(f"association with {peer.called_ae}@{peer.host}:{peer.port} {why}")
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        if self.assoc is not None and self.assoc.is_established:
+            self.assoc.release()
+
+    def _live(self, what: str) -> Any:
+        if self.assoc is None or not self.assoc.is_established:
+            raise QueryError(f"{what} to {self.peer.called_ae}: the association was lost")
+        return self.assoc
+
+    def find(self, query: Dataset) -> list[Dataset]:
+        """Run one Study Root C-FIND; return the matches (the pending responses' identifiers).
+        Raises QueryError when the PACS ends with a failure status or the association is lost."""
+        out: list[Dataset] = []
+        for status, ident in self._live("C-FIND").send_c_find(query, FIND):
             code = int(getattr(status, "Status", -1)) if status else -1
             if code in PENDING and ident is not None:
                 out.append(ident)
             elif code != 0x0000:
-                raise QueryError(f"C-FIND to {peer.called_ae} ended with "
+                raise QueryError(f"C-FIND to {self.peer.called_ae} ended with "
                                  + ("no reply" if code < 0 else f"status 0x{code:04X}"))
-    finally:
-        if assoc.is_established:
-            assoc.release()
-    return out
+        return out
+
+    def move(self, query: Dataset, destination_ae: str) -> Retrieved:
+        """C-MOVE ``query`` to ``destination_ae`` (which the PACS must know); return the
+        outcome. Raises QueryError when the PACS refuses the move."""
+        return _final(self._live("C-MOVE").send_c_move(query, destination_ae, MOVE), "C-MOVE",
+                      self.peer)
+
+    def get(self, query: Dataset) -> Retrieved:
+        """C-GET ``query``: the instances arrive at ``on_store``. Raises QueryError as move."""
+        return _final(self._live("C-GET").send_c_get(query, GET), "C-GET", self.peer)
+
+    def studies(self, date_range: str, modalities: Sequence[str],
+                extra: dict[str, str] | None = None) -> list[StudyMatch]:
+        """Find the studies of ``date_range`` with any of ``modalities`` (see study_query).
+
+        A PACS that files one StudyInstanceUID under two patients answers twice for it; the
+        answers are merged (modalities joined, counts added), as the retrieve gets both.
+        """
+        out: dict[str, StudyMatch] = {}
+        for ds in self.find(study_query(date_range, modalities, extra)):
+            uid = str(ds.get("StudyInstanceUID", "") or "")
+            if not uid:
+                continue
+            mods = ds.get("ModalitiesInStudy")
+            values = tuple(str(m) for m in (mods if isinstance(mods, Iterable) and not
+                                            isinstance(mods, str) else [mods] if mods else []))
+            match = StudyMatch(uid, values or None, _int(ds, "NumberOfStudyRelatedInstances"),
+                               str(ds.get("StudyDate", "") or ""))
+            out[uid] = _merge(out[uid], match) if uid in out else match
+        return list(out.values())
+
+    def series(self, study_uid: str) -> list[SeriesMatch]:
+        """Find the series of one study, with their modality and instance count."""
+        q = Dataset()
+        q.QueryRetrieveLevel = "SERIES"
+        q.StudyInstanceUID = study_uid
+        q.SeriesInstanceUID = ""
+        q.Modality = ""
+        q.NumberOfSeriesRelatedInstances = ""
+        return [SeriesMatch(str(ds.SeriesInstanceUID), str(ds.get("Modality", "") or ""),
+                            _int(ds, "NumberOfSeriesRelatedInstances"))
+                for ds in self.find(q) if ds.get("SeriesInstanceUID")]
+
+    def instances(self, study_uid: str, series_uid: str) -> list[str]:
+        """Return the SOP Instance UIDs of one series."""
+        q = Dataset()
+        q.QueryRetrieveLevel = "IMAGE"
+        q.StudyInstanceUID = study_uid
+        q.SeriesInstanceUID = series_uid
+        q.SOPInstanceUID = ""
+        return [str(ds.SOPInstanceUID) for ds in self.find(q) if ds.get("SOPInstanceUID")]
 
 
 def study_query(date_range: str, modalities: Sequence[str],
@@ -139,55 +222,11 @@ def study_query(date_range: str, modalities: Sequence[str],
     return q
 
 
-def studies(peer: Peer, date_range: str, modalities: Sequence[str],
-            extra: dict[str, str] | None = None) -> list[StudyMatch]:
-    """Find the studies of ``date_range`` with any of ``modalities`` (see study_query).
-
-    A PACS that files one StudyInstanceUID under two patients answers twice for it; the
-    answers are merged (modalities joined, counts added), as the retrieve gets both.
-    """
-    out: dict[str, StudyMatch] = {}
-    for ds in find(peer, study_query(date_range, modalities, extra)):
-        uid = str(ds.get("StudyInstanceUID", "") or "")
-        if not uid:
-            continue
-        mods = ds.get("ModalitiesInStudy")
-        values = tuple(str(m) for m in (mods if isinstance(mods, Iterable) and not
-                                        isinstance(mods, str) else [mods] if mods else []))
-        match = StudyMatch(uid, values or None, _int(ds, "NumberOfStudyRelatedInstances"),
-                           str(ds.get("StudyDate", "") or ""))
-        out[uid] = _merge(out[uid], match) if uid in out else match
-    return list(out.values())
-
-
 def _merge(a: StudyMatch, b: StudyMatch) -> StudyMatch:
     mods = None if a.modalities is None or b.modalities is None else tuple(
         sorted(set(a.modalities) | set(b.modalities)))
     n = None if a.n_instances is None or b.n_instances is None else a.n_instances + b.n_instances
     return StudyMatch(a.study_uid, mods, n, a.study_date or b.study_date)
-
-
-def series(peer: Peer, study_uid: str) -> list[SeriesMatch]:
-    """Find the series of one study, with their modality and instance count."""
-    q = Dataset()
-    q.QueryRetrieveLevel = "SERIES"
-    q.StudyInstanceUID = study_uid
-    q.SeriesInstanceUID = ""
-    q.Modality = ""
-    q.NumberOfSeriesRelatedInstances = ""
-    return [SeriesMatch(str(ds.SeriesInstanceUID), str(ds.get("Modality", "") or ""),
-                        _int(ds, "NumberOfSeriesRelatedInstances"))
-            for ds in find(peer, q) if ds.get("SeriesInstanceUID")]
-
-
-def instances(peer: Peer, study_uid: str, series_uid: str) -> list[str]:
-    """Return the SOP Instance UIDs of one series."""
-    q = Dataset()
-    q.QueryRetrieveLevel = "IMAGE"
-    q.StudyInstanceUID = study_uid
-    q.SeriesInstanceUID = series_uid
-    q.SOPInstanceUID = ""
-    return [str(ds.SOPInstanceUID) for ds in find(peer, q) if ds.get("SOPInstanceUID")]
 
 
 def retrieve_query(study_uid: str, series_uid: str | None = None,
@@ -220,42 +259,3 @@ def _final(responses: Iterator[tuple[Any, Any]], what: str, peer: Peer) -> Retri
         raise QueryError(f"{what} to {peer.called_ae} ended with status 0x{code:04X} "
                          f"({done.completed} sent, {done.failed} failed)")
     return done
-
-
-def move(peer: Peer, query: Dataset, destination_ae: str) -> Retrieved:
-    """C-MOVE ``query`` to ``destination_ae`` (which the PACS must know); return the outcome.
-
-    Raises QueryError when the association fails or the PACS refuses the move.
-    """
-    ae = AE(ae_title=peer.calling_ae)
-    ae.add_requested_context(MOVE)
-    assoc = _associate(peer, ae)
-    try:
-        return _final(assoc.send_c_move(query, destination_ae, MOVE), "C-MOVE", peer)
-    finally:
-        if assoc.is_established:
-            assoc.release()
-
-
-def get(peer: Peer, query: Dataset, storage: Mapping[str, Sequence[str]],
-        on_store: Callable[[Any], int]) -> Retrieved:
-    """C-GET ``query``: the PACS C-STOREs each instance back on this association to
-    ``on_store`` (a pynetdicom EVT_C_STORE handler returning the status to answer).
-
-    ``storage`` maps the storage SOP classes we accept to their transfer syntaxes; each is
-    proposed with the SCP role (PS3.7 D.3.3.4). Raises QueryError as :func:`move` does.
-    """
-    ae = AE(ae_title=peer.calling_ae)
-    ae.add_requested_context(GET)
-    roles = []
-    # A C-GET association carries the retrieve context and every storage context: at most
-    # 128 in all, so the storage classes are few (the ones triage stores).
-    for sop_class, syntaxes in storage.items():
-        ae.add_requested_context(sop_class, list(syntaxes))
-        roles.append(build_role(sop_class, scp_role=True))
-    assoc = _associate(peer, ae, ext_neg=roles, evt_handlers=[(evt.EVT_C_STORE, on_store)])
-    try:
-        return _final(assoc.send_c_get(query, GET), "C-GET", peer)
-    finally:
-        if assoc.is_established:
-            assoc.release()

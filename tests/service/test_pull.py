@@ -211,3 +211,33 @@ def test_triage_pull_backfills_older_studies_and_its_dry_run_retrieves_nothing(
     r = subprocess.run([sys.executable, "-m", "triage", "pull", "--config", str(cfg), "--source",
                         "pcas"], capture_output=True, text=True, timeout=60)
     assert r.returncode != 0 and "did you mean 'pacs'" in r.stderr
+
+
+def test_a_poll_racing_a_push_of_the_same_study_scores_it_once(
+        daemon_factory: Callable[..., Daemon], orthanc: Orthanc, tmp_path: Path) -> None:
+    import threading
+
+    from tests.conftest import send
+
+    [files] = studies_in_orthanc(orthanc, tmp_path, 1, images=3)
+    port = free_port()
+    orthanc.add_modality("triage", "TRIAGE", port)
+    d = daemon_factory(**{"dicom.port": port, **pull_source(orthanc, "c-move")})
+    # The modality pushes the same study while the first polls retrieve it.
+    pushes = [threading.Thread(target=send, args=(port, [dcmread(p) for p in files]))
+              for _ in range(2)]
+    for t in pushes:
+        t.start()
+    for t in pushes:
+        t.join(60)
+    wait_for(lambda: decided(d) == 1, timeout=120)
+    for _ in range(3):
+        mark = d.store.clock()
+        wait_for(lambda mark=mark: polls_after(d, mark), timeout=30)
+    with d.store.read() as s:
+        assert s.scalar(select(func.count()).select_from(Instance)) == 3
+        [(study_id, n)] = s.execute(select(Result.study_id, func.count())
+                                    .group_by(Result.study_id)).all()
+    assert n == 1, "the study was scored more than once"
+    outcomes = received_outcomes(d)
+    assert outcomes.get("stored") == 3 and outcomes.get("replaced") is None, outcomes

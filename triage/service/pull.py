@@ -9,8 +9,9 @@ Each poll of a source, in order:
    C-FIND at SERIES level keeps the series of the pulled modalities (this is also
    the fallback for a PACS that does not match on ModalitiesInStudy), and IMAGE
    level lists their SOP instances; those this node already holds are dropped.
-3. What is left is retrieved: a whole series when none of it is held, else the
-   listed instances. C-MOVE has the PACS C-STORE to our own listener (it must know
+3. What is left is retrieved: the whole study when none of it is held and all its
+   series are wanted, else a whole series when none of it is held, else the listed
+   instances; all of a poll's requests go over one association. C-MOVE has the PACS C-STORE to our own listener (it must know
    our AE title and port); C-GET has it C-STORE back on the retrieve's association.
    Either way each instance takes the listener's durable path (spool, record,
    exactly-once scoring, guard): the C-MOVE's to the listener itself, the C-GET's
@@ -57,6 +58,7 @@ class Wanted:
     remote_instances: int | None
     series: dict[str, list[str] | None]
     new_instances: int
+    whole: bool = False  # every series of the study is wanted and new: one retrieve for all
 
 
 @dataclass
@@ -134,9 +136,14 @@ class Puller:
         return report
 
     def _poll(self, src: PullSourceConfig, report: PollReport, days: int, dry_run: bool) -> None:
-        p = self.peers[src.name]
         today = dt.datetime.fromtimestamp(self.clock()).date()
-        found = qr.studies(p, date_range(days, today), src.modalities, dict(src.match))
+        with qr.Connection(self.peers[src.name], None if dry_run else src.retrieve,
+                           self._storage(), self._on_get_store(src)) as c:
+            self._walk(c, src, report, date_range(days, today), dry_run)
+
+    def _walk(self, c: qr.Connection, src: PullSourceConfig, report: PollReport, dates: str,
+              dry_run: bool) -> None:
+        found = c.studies(dates, src.modalities, dict(src.match))
         report.studies_found = len(found)
         known = pulls.seen(self.store, src.name, [m.study_uid for m in found])
         for match in found:
@@ -146,7 +153,7 @@ class Puller:
             if (before is not None and match.n_instances is not None
                     and before.remote_instances == match.n_instances):
                 continue
-            want = self._wanted(p, src, match)
+            want = self._wanted(c, src, match)
             if want.new_instances == 0:
                 if not dry_run:
                     pulls.remember(self.store, src.name, match.study_uid, match.n_instances, 0,
@@ -154,32 +161,41 @@ class Puller:
                 continue
             report.wanted.append(want)
             if not dry_run:
-                self._retrieve(src, p, want, report)
+                self._retrieve(c, src, want, report)
 
-    def _wanted(self, p: qr.Peer, src: PullSourceConfig, match: qr.StudyMatch) -> Wanted:
+    def _wanted(self, c: qr.Connection, src: PullSourceConfig, match: qr.StudyMatch) -> Wanted:
         series: dict[str, list[str] | None] = {}
         new = 0
-        for s in qr.series(p, match.study_uid):
+        # Nothing of the study here yet: every series of a pulled modality is new, and the
+        # IMAGE level query (one more round trip per series) is skipped.
+        fresh = not pulls.study_held(self.store, match.study_uid)
+        found = c.series(match.study_uid)
+        for s in found:
             if s.modality not in src.modalities:
                 continue
-            uids = qr.instances(p, match.study_uid, s.series_uid)
+            if fresh and s.n_instances is not None:
+                series[s.series_uid] = None
+                new += s.n_instances
+                continue
+            uids = c.instances(match.study_uid, s.series_uid)
             have = pulls.held(self.store, uids)
             todo = [u for u in uids if u not in have]
             if todo:
                 series[s.series_uid] = None if not have else todo
                 new += len(todo)
-        return Wanted(match.study_uid, match.study_date, match.n_instances, series, new)
+        whole = fresh and bool(found) and len(series) == len(found)
+        return Wanted(match.study_uid, match.study_date, match.n_instances, series, new, whole)
 
-    def _retrieve(self, src: PullSourceConfig, p: qr.Peer, want: Wanted,
+    def _retrieve(self, c: qr.Connection, src: PullSourceConfig, want: Wanted,
                   report: PollReport) -> None:
         got, failed = 0, 0
-        for series_uid, uids in want.series.items():
-            query = qr.retrieve_query(want.study_uid, series_uid, uids or ())
+        queries = ([qr.retrieve_query(want.study_uid)] if want.whole else
+                   [qr.retrieve_query(want.study_uid, series_uid, uids or ())
+                    for series_uid, uids in want.series.items()])
+        for query in queries:
             try:
-                if src.retrieve == "c-get":
-                    done = qr.get(p, query, self._storage(), self._on_get_store(src))
-                else:
-                    done = qr.move(p, query, self.cfg.dicom.ae_title)
+                done = (c.get(query) if src.retrieve == "c-get"
+                        else c.move(query, self.cfg.dicom.ae_title))
             except qr.QueryError as e:
                 report.errors.append(f"study {uid_hash(want.study_uid)}: {e}")
                 failed += 1

@@ -9,7 +9,7 @@ from typing import Any
 
 from sqlalchemy import select
 
-from triage.store.schema import Instance, PullSource, PullStudy
+from triage.store.schema import Instance, PullSource, PullStudy, Study
 
 
 @dataclass(frozen=True)
@@ -46,6 +46,13 @@ def remember(store: Any, source: str, study_uid: str, remote_instances: int | No
         row.retrieved += retrieved_now
         if retrieved_now:
             row.retrieved_at = now
+
+
+def study_held(store: Any, study_uid: str) -> bool:
+    """Whether this node holds any instance of ``study_uid``."""
+    with store.read() as s:
+        return s.scalar(select(Instance.id).join(Study, Study.id == Instance.study_id)
+                        .where(Study.study_uid == study_uid).limit(1)) is not None
 
 
 def held(store: Any, sop_uids: Iterable[str]) -> set[str]:
