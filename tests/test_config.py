@@ -188,17 +188,48 @@ def test_bad_message_destinations_are_refused(dest: dict[str, Any], expected: st
     assert expected in str(e.value)
 
 
-def test_destinations_in_toml_as_the_shipped_comment_shows_them(tmp_path: Path) -> None:
+def test_destinations_and_pull_sources_in_toml_as_the_shipped_comments_show_them(
+        tmp_path: Path) -> None:
     example = [ln[2:] for ln in (REPO / "config.toml").read_text().splitlines()
-               if ln.startswith("# ") and ("[[results.destinations]]" in ln or " = " in ln)
+               if ln.startswith("# ") and ("[[results.destinations]]" in ln or " = " in ln
+                                           or "[[pull.sources]]" in ln)
                and not ln.startswith("# #")]
     start = example.index("[[results.destinations]]")
     path = tmp_path / "c.toml"
     path.write_text("\n".join(example[start:]) + "\n")
-    dest, ris, ehr = config.load(path).results.destinations
+    cfg = config.load(path)
+    dest, ris, ehr, web = cfg.results.destinations
     assert (dest.ae_title, dest.host, dest.port, dest.send) == ("PACS", "127.0.0.1", 4242,
                                                                 ("sr", "overlay"))
     assert dest.tls is False and dest.label == "PACS@127.0.0.1:4242"
     assert (ris.kind, ris.port, ris.message, ris.label, ris.objects) == (
         "hl7", 2575, "oru", "ris", ("oru",))
     assert (ehr.kind, ehr.url, ehr.objects) == ("fhir", "https://ehr.example.org/fhir", ("fhir",))
+    assert (web.kind, web.label, web.objects) == ("dicomweb", "pacs-web", ("sr", "overlay"))
+    [src] = cfg.pull.sources
+    assert (src.name, src.ae_title, src.port, src.retrieve, src.modalities) == (
+        "pacs", "PACS", 104, "c-move", ("CR", "DX"))
+
+
+@pytest.mark.parametrize(("source", "expected"), [
+    ({"ae_title": "PACS", "host": "10.0.0.5"}, "pull.sources.name"),
+    ({"name": "p", "host": "10.0.0.5"}, "pull.sources.ae_title"),
+    ({"name": "p", "ae_title": "PACS", "host": "10.0.0.5", "retrieve": "c-mov"},
+     "did you mean 'c-move'"),
+    ({"name": "p", "ae_title": "PACS", "host": "10.0.0.5", "modalities": ["dx"]},
+     "pull.sources.modalities"),
+    ({"name": "p", "ae_title": "PACS", "host": "10.0.0.5", "match": {"PatientName": "X"}},
+     "pull.sources.match.PatientName"),
+    ({"name": "p", "ae_title": "PACS", "host": "10.0.0.5", "every_s": 0}, "every_s"),
+    ({"name": "p", "ae_title": "PACS", "host": "not a host"}, "pull.sources.host"),
+])
+def test_bad_pull_sources_are_refused(source: dict[str, Any], expected: str) -> None:
+    with pytest.raises(ConfigError) as e:
+        config.from_dict({"pull": {"sources": [source]}})
+    assert expected in str(e.value)
+
+
+def test_two_pull_sources_with_one_name_are_refused() -> None:
+    src = {"name": "p", "ae_title": "PACS", "host": "10.0.0.5"}
+    with pytest.raises(ConfigError, match="same name"):
+        config.from_dict({"pull": {"sources": [src, src]}})
