@@ -241,3 +241,34 @@ def test_a_poll_racing_a_push_of_the_same_study_scores_it_once(
     assert n == 1, "the study was scored more than once"
     outcomes = received_outcomes(d)
     assert outcomes.get("stored") == 3 and outcomes.get("replaced") is None, outcomes
+
+
+def test_an_instance_the_listener_refuses_is_tried_a_few_times_without_backing_off_the_source(
+        daemon_factory: Callable[..., Daemon], orthanc: Orthanc, tmp_path: Path) -> None:
+    from triage.service.pull import PARTIAL_TRIES
+    from triage.store.schema import PullStudy, Rejection
+
+    uid = generate_uid()
+    small = today_study(tmp_path / "small", 1, synth.SynthSpec(rows=128, columns=128), uid)
+    big = today_study(tmp_path / "big", 1, synth.SynthSpec(rows=1024, columns=1024), uid)
+    orthanc.upload(small + big)
+    orthanc.add_modality("triage", "TRIAGE", free_port())
+    d = daemon_factory(**{"dicom.max_dataset_mb": 1, **pull_source(orthanc, "c-get")})
+
+    def remembered() -> bool:
+        with d.store.read() as s:
+            row = s.scalar(select(PullStudy).where(PullStudy.study_uid == uid))
+        return row is not None and row.remote_instances == 2
+
+    wait_for(remembered, timeout=90)
+    with d.store.read() as s:
+        refused = list(s.scalars(select(Rejection)))
+        assert s.scalar(select(func.count()).select_from(Instance)) == 1
+    assert len(refused) == PARTIAL_TRIES and {r.status for r in refused} == {0xA701}
+    for _ in range(3):
+        mark = d.store.clock()
+        wait_for(lambda mark=mark: polls_after(d, mark), timeout=30)
+    st = pulls.states(d.store)["pacs"]
+    assert st.failures == 0, "a refused instance must not back the whole source off"
+    with d.store.read() as s:
+        assert s.scalar(select(func.count()).select_from(Rejection)) == PARTIAL_TRIES

@@ -54,7 +54,9 @@ def _pull(args: argparse.Namespace) -> int:
           + (f"; {report.failed} failed" if report.failed else ""))
     for e in report.errors:
         print(f"error: {e}")
-    return 0 if report.ok else 1
+    for e in report.partial:
+        print(f"incomplete: {e}")
+    return 0 if report.ok and not report.partial else 1
 
 
 def add(sub: SubParsers) -> None:

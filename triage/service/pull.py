@@ -48,6 +48,8 @@ from triage.store.database import unavailable, why_unavailable
 
 log = logging.getLogger(__name__)
 
+PARTIAL_TRIES = 3  # retrieves of a study that keep missing instances before it is left
+
 
 @dataclass(frozen=True)
 class Wanted:
@@ -70,7 +72,10 @@ class PollReport:
     wanted: list[Wanted] = field(default_factory=list)
     retrieved: int = 0
     failed: int = 0
-    errors: list[str] = field(default_factory=list)
+    errors: list[str] = field(default_factory=list)  # the source failed: back off
+    # Retrieves that ended with some instances not sent (refused here, or by the PACS): the
+    # source answered, so it is not backed off; the study is tried again at the next poll.
+    partial: list[str] = field(default_factory=list)
 
     @property
     def ok(self) -> bool:
@@ -107,6 +112,7 @@ class Puller:
         self._locks = {s.name: threading.Lock() for s in cfg.pull.sources}
         self._next_try: dict[str, float] = {}  # a failing source's next poll
         self._failures: dict[str, int] = {}  # polls failed in a row
+        self._partial: dict[tuple[str, str], int] = {}  # (source, study): partial retrieves
 
     def poll_due(self, name: str) -> PollReport | None:
         """Poll ``name`` unless it is backing off after a failure; return the report (None when
@@ -203,12 +209,21 @@ class Puller:
             got += done.completed + done.warning
             failed += done.failed
             if not done.ok:
-                report.errors.append(f"study {uid_hash(want.study_uid)}: {done.failed} of "
-                                     f"its instances were not sent (status 0x{done.status:04X})")
+                report.partial.append(f"study {uid_hash(want.study_uid)}: {done.failed} of "
+                                      f"its instances were not sent (status 0x{done.status:04X})")
         report.retrieved += got
         report.failed += failed
-        # Remember the count only when all of it came: otherwise the next poll tries again.
-        remote = want.remote_instances if failed == 0 else None
+        # Remember the count only when all of it came: otherwise the next poll tries again,
+        # up to PARTIAL_TRIES times (an instance refused for good would be fetched forever).
+        key = (src.name, want.study_uid)
+        tries = self._partial[key] = self._partial.get(key, 0) + 1 if failed else 0
+        if failed and tries >= PARTIAL_TRIES:
+            log.warning("study %s from %s: %d instance(s) still not received after %d tries; "
+                        "left until the study changes at the PACS", uid_hash(want.study_uid),
+                        src.name, failed, tries)
+        remote = want.remote_instances if failed == 0 or tries >= PARTIAL_TRIES else None
+        if not failed or tries >= PARTIAL_TRIES:
+            self._partial.pop(key, None)
         pulls.remember(self.store, src.name, want.study_uid, remote, got, self.clock())
         log.info("pulled %d instance(s) of study %s from %s by %s%s", got,
                  uid_hash(want.study_uid), src.name, src.retrieve.upper(),
@@ -234,6 +249,8 @@ class Puller:
             wait = backoff_s(n, self.cfg.pull.retry_initial_s, self.cfg.pull.retry_max_s)
             self._next_try[src.name] = now + wait
             log.warning("pull from %s failed (%s); next try in %.0f s", src.name, error, wait)
+        for what in report.partial:
+            log.warning("pull from %s incomplete: %s", src.name, what)
         try:
             pulls.polled(self.store, src.name, now, error, report.retrieved,
                          self._next_try.get(src.name))

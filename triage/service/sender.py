@@ -175,19 +175,25 @@ class OutboxSender:
         self._built[item.object_id] = path
         return path
 
-    def _send(self, dest: DestinationConfig, items: list[outbox.Due]) -> int:
-        ready: list[tuple[outbox.Due, Outgoing]] = []
+    def _ready(self, items: list[outbox.Due], load: Callable[[Path], Any]) -> list[tuple[outbox.Due, Any]]:
+        """Build (once) and ``load`` each item's object; count the attempt of those that are
+        ready. A build failure is an attempt too, so a broken object ends in the dead letter."""
+        ready: list[tuple[outbox.Due, Any]] = []
         for item in items:
             try:
-                ready.append((item, outgoing(self._file(item))))
+                ready.append((item, load(self._file(item))))
             except (TriageError, SendError, ValueError, OSError) as e:
-                # A build failure is an attempt too, so a broken object ends in the dead letter.
                 outbox.begin_attempt(self.store, [item.delivery_id], self.clock(), self._wait_s)
                 self._failed([item], f"cannot build the {item.kind}: {e}", None)
+        if ready:
+            outbox.begin_attempt(self.store, [i.delivery_id for i, _ in ready], self.clock(),
+                                 self._wait_s)
+        return ready
+
+    def _send(self, dest: DestinationConfig, items: list[outbox.Due]) -> int:
+        ready = self._ready(items, outgoing)
         if not ready:
             return len(items)
-        outbox.begin_attempt(self.store, [i.delivery_id for i, _ in ready], self.clock(),
-                             self._wait_s)
         by_path = {o.path: i for i, o in ready}
         try:
             send_files(dest.host, dest.port, [o for _, o in ready], self.cfg.calling_ae_title,
@@ -203,17 +209,9 @@ class OutboxSender:
         """STOW-RS the items' objects to ``dest`` in one request; record each instance's answer."""
         from pydicom import dcmread
 
-        ready: list[tuple[outbox.Due, Any]] = []
-        for item in items:
-            try:
-                ready.append((item, dcmread(self._file(item))))
-            except (TriageError, ValueError, OSError) as e:
-                outbox.begin_attempt(self.store, [item.delivery_id], self.clock(), self._wait_s)
-                self._failed([item], f"cannot build the {item.kind}: {e}", None)
+        ready = self._ready(items, dcmread)
         if not ready:
             return len(items)
-        outbox.begin_attempt(self.store, [i.delivery_id for i, _ in ready], self.clock(),
-                             self._wait_s)
         answer = stow(dest, [ds for _, ds in ready], self.cfg.timeout_s)
         for item, _ in ready:
             self._stowed(dest, item, answer)
